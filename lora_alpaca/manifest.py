@@ -106,3 +106,17 @@ def template_from_manifest(manifest: dict) -> PromptTemplate:
     t = dict(manifest["template"])
     name = t.pop("name")
     return parse_template(t, name, f"{MANIFEST_NAME} template")
+
+
+def check_base_fingerprint(manifest: dict, base_config, base_name: str, force: bool = False) -> None:
+    """Refuse to put an adapter on a base model other than the one it was trained on."""
+    from lora_alpaca.models import config_fingerprint
+
+    want = manifest["base_model"]["config_fingerprint"]
+    got = config_fingerprint(base_config)
+    if want != got and not force:
+        raise UsageError(
+            f"--base_model {base_name}: adapter was trained on {manifest['base_model']['name']!r} "
+            f"(config fingerprint {want}), this base has fingerprint {got}; "
+            "pass the matching base model"
+        )
