@@ -149,8 +149,8 @@ def build_command(cls: type, main: Callable[[Any], int | None], help: str) -> cl
         default = _default(f)
         shown = ",".join(default) if isinstance(default, list) else default
         decls = [f"--{f.name}", *f.metadata["aliases"], f.name]
-        kwargs: dict[str, Any] = dict(type=ptype, default=default, help=f.metadata["help"])
-        kwargs["show_default"] = str(shown) if shown not in (None, "") else False
+        kwargs: dict[str, Any] = dict(type=ptype, default=shown, help=f.metadata["help"])
+        kwargs["show_default"] = shown not in (None, "")
         if tp is bool:
             # `--flag` alone means true; `--flag false` also works (fire-style).
             kwargs.update(is_flag=False, flag_value="true")

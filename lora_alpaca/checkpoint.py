@@ -1,0 +1,138 @@
+"""Resumable checkpoints that are either complete or absent.
+
+A checkpoint is written into `checkpoints/.tmp-checkpoint-N`, every file fsynced, a
+`COMPLETE` marker written last, and the folder renamed to `checkpoints/checkpoint-N`
+(rename is atomic on POSIX). A crash mid-write leaves only a `.tmp-*` folder, which
+`find_latest` ignores and the next save removes. Nothing here unpickles arbitrary
+objects: tensors go through safetensors or `torch.load(weights_only=True)`.
+
+Why not Trainer/accelerate `save_state`: they write in place (a kill mid-write leaves a
+folder that looks complete) and store RNG state with pickle.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
+COMPLETE = "COMPLETE"
+
+
+def checkpoints_dir(output_dir: Path) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(path: Path) -> None:
+    for p in path.rglob("*"):
+        if p.is_file():
+            with open(p, "rb") as fh:
+                os.fsync(fh.fileno())
+    _fsync_dir(path)
+
+
+def save_checkpoint(
+    output_dir: Path,
+    step: int,
+    adapter_state: dict[str, torch.Tensor],
+    adapter_config: dict,
+    optimizer_state: dict,
+    scheduler_state: dict,
+    rng_state: dict[str, torch.Tensor],
+    trainer_state: dict,
+    keep: int,
+) -> Path:
+    root = checkpoints_dir(output_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(".tmp-checkpoint-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = root / f".tmp-checkpoint-{step:08d}"
+    tmp.mkdir()
+    # The adapter in PEFT's own layout, so a checkpoint can also be used directly.
+    save_file({k: v.detach().contiguous().cpu() for k, v in adapter_state.items()}, str(tmp / "adapter_model.safetensors"))
+    (tmp / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2, default=str))
+    torch.save(optimizer_state, tmp / "optimizer.pt")
+    torch.save(scheduler_state, tmp / "scheduler.pt")
+    save_file({k: v.contiguous() for k, v in rng_state.items()}, str(tmp / "rng_state.safetensors"))
+    (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2, default=str))
+    _fsync_tree(tmp)
+    (tmp / COMPLETE).write_text("ok\n")
+    with open(tmp / COMPLETE, "rb") as fh:
+        os.fsync(fh.fileno())
+    final = root / f"checkpoint-{step:08d}"
+    if final.exists():  # a rerun of the same step after a resume: replace it atomically
+        old = root / f".tmp-old-{step:08d}"
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(final)
+    _fsync_dir(root)
+    prune(root, keep)
+    return final
+
+
+def complete_checkpoints(output_dir: Path) -> list[Path]:
+    root = checkpoints_dir(output_dir)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if CKPT_RE.match(p.name) and (p / COMPLETE).is_file()]
+    return sorted(found, key=lambda p: int(CKPT_RE.match(p.name).group(1)))
+
+
+def find_latest(output_dir: Path) -> Path | None:
+    ckpts = complete_checkpoints(output_dir)
+    return ckpts[-1] if ckpts else None
+
+
+def prune(root: Path, keep: int) -> None:
+    if keep <= 0:
+        return
+    ckpts = sorted(
+        (p for p in root.iterdir() if CKPT_RE.match(p.name)),
+        key=lambda p: int(CKPT_RE.match(p.name).group(1)),
+    )
+    for old in ckpts[:-keep]:
+        # Remove the marker first: a crash mid-delete must not leave a "complete" husk.
+        (old / COMPLETE).unlink(missing_ok=True)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(path: Path) -> dict:
+    path = Path(path)
+    return {
+        "adapter": load_file(str(path / "adapter_model.safetensors")),
+        "optimizer": torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"),
+        "scheduler": torch.load(path / "scheduler.pt", weights_only=True, map_location="cpu"),
+        "rng": load_file(str(path / "rng_state.safetensors")),
+        "trainer_state": json.loads((path / "trainer_state.json").read_text()),
+    }
+
+
+def rng_state() -> dict[str, torch.Tensor]:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            state[f"cuda{i}"] = torch.cuda.get_rng_state(i)
+    return state
+
+
+def set_rng_state(state: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(state["torch"])
+    for key, value in state.items():
+        if key.startswith("cuda") and torch.cuda.is_available():
+            torch.cuda.set_rng_state(value, int(key[4:]))

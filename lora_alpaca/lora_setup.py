@@ -1,0 +1,136 @@
+"""Wrap a base model with LoRA (peft), and check the adapter that comes out of training.
+
+alpaca-lora "succeeded" while saving 443-byte empty adapters (a monkey-patched
+`state_dict`); here the saved file is read back and checked against the model.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lora_alpaca.errors import UsageError
+
+# Layers peft can put LoRA on, by class name (bitsandbytes' and transformers' Conv1D too).
+LINEAR_CLASSES = ("Linear", "Linear8bitLt", "Linear4bit", "Conv1D")
+
+
+def linear_module_names(model: nn.Module) -> list[str]:
+    """Short names (`q_proj`, `up_proj`...) of the linear layers a LoRA could target."""
+    names = set()
+    output = model.get_output_embeddings()
+    for full, module in model.named_modules():
+        if type(module).__name__ in LINEAR_CLASSES and module is not output:
+            names.add(full.rsplit(".", 1)[-1])
+    return sorted(names)
+
+
+def check_target_modules(model: nn.Module, targets: list[str]) -> None:
+    if targets == ["all-linear"]:
+        return
+    available = linear_module_names(model)
+    unknown = [t for t in targets if t not in available and not re.search(r"[.*\\\[]", t)]
+    if unknown:
+        raise UsageError(
+            f"--lora_target_modules: no module named {', '.join(unknown)} in this model; "
+            f"available: {', '.join(available)} (or all-linear)"
+        )
+
+
+def add_lora(model: nn.Module, cfg, quantized: bool) -> nn.Module:
+    """The peft model with LoRA on `cfg.lora_target_modules`; only LoRA weights train."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    check_target_modules(model, cfg.lora_target_modules)
+    if quantized:
+        # Casts norms to fp32 and freezes the base; the peft-documented path for k-bit training.
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=cfg.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    elif cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    targets = cfg.lora_target_modules
+    lora = LoraConfig(
+        task_type="CAUSAL_LM",
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules="all-linear" if targets == ["all-linear"] else list(targets),
+        use_rslora=cfg.use_rslora,
+        use_dora=cfg.use_dora,
+        bias="none",
+    )
+    try:
+        peft_model = get_peft_model(model, lora)
+    except ValueError as e:
+        raise UsageError(f"--lora_target_modules {','.join(targets)}: {' '.join(str(e).split())[:300]}") from None
+    if cfg.init_from_adapter:
+        load_adapter_weights(peft_model, cfg.init_from_adapter)
+    return peft_model
+
+
+def load_adapter_weights(peft_model, adapter_dir: str) -> None:
+    """Weights-only warm start from an adapter folder (safetensors only: no pickle)."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    path = Path(adapter_dir) / "adapter_model.safetensors"
+    if not path.is_file():
+        raise UsageError(f"--init_from_adapter {adapter_dir}: no adapter_model.safetensors there")
+    state = load_file(str(path))
+    expected = {k: v.shape for k, v in lora_state_dict(peft_model).items()}
+    bad = [k for k, v in state.items() if k in expected and tuple(v.shape) != tuple(expected[k])]
+    missing = [k for k in expected if k not in state]
+    if bad or missing:
+        raise UsageError(
+            f"--init_from_adapter {adapter_dir}: adapter does not fit this LoRA setup "
+            f"({len(missing)} missing, {len(bad)} wrong-shape tensors); use the same --lora_r and --lora_target_modules"
+        )
+    set_peft_model_state_dict(peft_model, state)
+
+
+def lora_state_dict(peft_model) -> dict[str, torch.Tensor]:
+    from peft import get_peft_model_state_dict
+
+    return get_peft_model_state_dict(peft_model)
+
+
+def verify_saved_adapter(peft_model, adapter_dir: Path, expect_trained: bool) -> dict:
+    """Read the saved adapter back and check it is the one in memory, and not empty."""
+    from peft.tuners.lora import LoraLayer
+    from safetensors.torch import load_file
+
+    path = Path(adapter_dir) / "adapter_model.safetensors"
+    if not path.is_file():
+        raise RuntimeError(f"adapter check failed: {path} was not written")
+    saved = load_file(str(path))
+    memory = lora_state_dict(peft_model)
+    problems = []
+    if set(saved) != set(memory):
+        problems.append(f"{len(set(memory) ^ set(saved))} tensors differ between file and model")
+    for key, value in memory.items():
+        if key in saved and not torch.equal(saved[key].float(), value.detach().float().cpu()):
+            problems.append(f"{key} differs from the trained weights")
+            break
+    targeted = [n for n, m in peft_model.named_modules() if isinstance(m, LoraLayer)]
+    for name in targeted:
+        stem = name.split("base_model.model.", 1)[-1]
+        if not any(stem in k and "lora_A" in k for k in saved) or not any(stem in k and "lora_B" in k for k in saved):
+            problems.append(f"module {stem} has no LoRA weights in the file")
+            break
+    if not targeted:
+        problems.append("no module carries a LoRA")
+    b_nonzero = sum(int(v.abs().sum() > 0) for k, v in saved.items() if "lora_B" in k)
+    if expect_trained and b_nonzero == 0:
+        problems.append("every lora_B is zero: the adapter is a no-op (did training run?)")
+    payload = sum(v.numel() * v.element_size() for v in saved.values())
+    size = path.stat().st_size
+    if not payload <= size <= payload + 1_000_000:
+        problems.append(f"file is {size} bytes, tensors need {payload}")
+    if problems:
+        raise RuntimeError("adapter check failed: " + "; ".join(problems))
+    return {"tensors": len(saved), "lora_modules": len(targeted), "nonzero_lora_B": b_nonzero, "bytes": size}
