@@ -1,0 +1,174 @@
+"""Packed micro-batches must train exactly like the same rows run one by one (or padded)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from tiny import make_tiny_model
+
+from lora_alpaca.loss import causal_lm_loss_sum
+from lora_alpaca.packing import (
+    IGNORE_INDEX,
+    count_supervised,
+    group_by_length,
+    pack_rows,
+    pad_rows,
+    real_token_share,
+)
+
+RTOL = 1e-5
+
+
+def make_rows(vocab: int, lengths: list[int], seed: int = 0) -> list[dict]:
+    """Rows like the data pipeline yields: a masked prompt prefix, then supervised response."""
+    rng = random.Random(seed)
+    rows = []
+    for n in lengths:
+        ids = [rng.randrange(3, vocab) for _ in range(n)]
+        prompt = rng.randrange(0, n)  # 0 = train on inputs; n-1 = one supervised token
+        rows.append({"input_ids": ids, "labels": [IGNORE_INDEX] * prompt + ids[prompt:]})
+    return rows
+
+
+def lora_model(path, attn: str):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=attn)
+    # init_lora_weights=False: random A and B, so gradients reach both (B=0 would zero A's grad).
+    config = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        lora_dropout=0.0,
+        init_lora_weights=False,
+        target_modules=[
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ],
+    )
+    return get_peft_model(base, config)
+
+
+def loss_and_grads(model, batches: list[dict], chunk_size=None):
+    model.zero_grad(set_to_none=True)
+    total, count = 0.0, 0
+    for batch in batches:
+        loss, n = causal_lm_loss_sum(model, batch, chunk_size=chunk_size)
+        loss.backward()
+        total += loss.item()
+        count += n
+    grads = {k: p.grad.detach().clone() for k, p in model.named_parameters() if p.requires_grad}
+    return total, count, grads
+
+
+def assert_same(a, b, rtol=RTOL):
+    (loss_a, n_a, g_a), (loss_b, n_b, g_b) = a, b
+    assert n_a == n_b
+    assert loss_a == pytest.approx(loss_b, rel=rtol)
+    assert g_a.keys() == g_b.keys()
+    for k in g_a:
+        scale = g_b[k].abs().max().item()
+        assert scale > 0, f"{k}: zero gradient, test would prove nothing"
+        err = (g_a[k] - g_b[k]).abs().max().item()
+        assert err <= rtol * scale + 1e-9, f"{k}: max grad diff {err:.3g} vs scale {scale:.3g}"
+
+
+LENGTHS = [37, 5, 64, 1, 23, 50]
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_equals_rows_one_by_one(tiny_model, attn):
+    model = lora_model(tiny_model, attn)
+    rows = make_rows(model.config.vocab_size, LENGTHS)
+    one_by_one = loss_and_grads(model, [pack_rows([r]) for r in rows])
+    packed = loss_and_grads(model, [pack_rows(rows)])
+    assert_same(packed, one_by_one)
+    assert packed[1] == count_supervised(rows) > 0
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_cross_contaminated_pack_differs(tiny_model, attn):
+    """Control: the same pack with positions that do NOT restart lets rows see each other,
+    and the loss changes, so the equality above really tests the block-diagonal mask."""
+    model = lora_model(tiny_model, attn)
+    rows = make_rows(model.config.vocab_size, LENGTHS)
+    packed = pack_rows(rows)
+    leaky = dict(packed, position_ids=torch.arange(packed["input_ids"].shape[1]).unsqueeze(0))
+    with torch.no_grad():
+        good, _ = causal_lm_loss_sum(model, packed, chunk_size=None)
+        bad, _ = causal_lm_loss_sum(model, leaky, chunk_size=None)
+    # Random tiny weights mix little context, so the change is small, but 50x the tolerance.
+    assert abs(good.item() - bad.item()) > 50 * RTOL * abs(good.item())
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_padded_equals_packed(tiny_model, attn):
+    model = lora_model(tiny_model, attn)
+    rows = make_rows(model.config.vocab_size, LENGTHS, seed=1)
+    packed = loss_and_grads(model, [pack_rows(rows[:3]), pack_rows(rows[3:])])
+    padded = loss_and_grads(
+        model, [pad_rows(rows[:3], 0), pad_rows(rows[3:], 0, pad_to_multiple_of=16)]
+    )
+    assert_same(padded, packed)
+
+
+@pytest.mark.parametrize("arch,tie", [("mistral", False), ("qwen2", True)])
+def test_packed_equals_rows_other_architectures(tmp_path, arch, tie):
+    path = make_tiny_model(tmp_path / arch, arch=arch, tie=tie)
+    model = lora_model(path, "sdpa")
+    rows = make_rows(model.config.vocab_size, [12, 30, 7], seed=2)
+    assert_same(
+        loss_and_grads(model, [pack_rows(rows)], chunk_size=5),
+        loss_and_grads(model, [pack_rows([r]) for r in rows], chunk_size=None),
+    )
+
+
+def test_row_boundaries_are_masked():
+    rows = [
+        {"input_ids": [5, 6, 7], "labels": [5, 6, 7]},
+        {"input_ids": [8, 9], "labels": [8, 9]},
+        {"input_ids": [10], "labels": [10]},
+        {"input_ids": [11, 12, 13], "labels": [IGNORE_INDEX, IGNORE_INDEX, 13]},
+    ]
+    packed = pack_rows(rows)
+    assert packed["input_ids"].tolist() == [[5, 6, 7, 8, 9, 10, 11, 12, 13]]
+    assert packed["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 0, 1, 2]]
+    assert packed["labels"].tolist() == [[-100, 6, 7, -100, 9, -100, -100, -100, 13]]
+    assert "attention_mask" not in packed
+    # 6, 7, 9, 13: the shifted loss never predicts a row's first token from the row before.
+    assert count_supervised(rows) == 4
+    assert int((packed["labels"][:, 1:] != IGNORE_INDEX).sum()) == 4
+
+    padded = pad_rows(rows, pad_token_id=0, pad_to_multiple_of=4)
+    assert padded["input_ids"].shape == (4, 4)
+    assert padded["attention_mask"].tolist()[1] == [1, 1, 0, 0]
+    assert padded["labels"].tolist()[1] == [-100, 9, -100, -100]
+    assert int((padded["labels"][:, 1:] != IGNORE_INDEX).sum()) == 4
+    assert real_token_share(rows, packed=False, pad_to_multiple_of=4) == pytest.approx(9 / 16)
+
+
+def test_bad_rows_are_rejected():
+    with pytest.raises(ValueError, match="row 1: input_ids has 2 tokens but labels has 1"):
+        pack_rows([{"input_ids": [1], "labels": [1]}, {"input_ids": [1, 2], "labels": [1]}])
+    with pytest.raises(ValueError, match="row 0: empty"):
+        pad_rows([{"input_ids": [], "labels": []}], 0)
+
+
+def test_group_by_length_covers_every_row_once_and_groups_lengths():
+    rng = random.Random(0)
+    lengths = [rng.randrange(10, 300) for _ in range(1000)]
+    batches = group_by_length(lengths, batch_size=4, seed=3)
+    assert sorted(i for b in batches for i in b) == list(range(1000))
+    padded = sum(max(lengths[i] for i in b) * len(b) for b in batches)
+    rand = [list(range(i, min(i + 4, 1000))) for i in range(0, 1000, 4)]
+    padded_random = sum(max(lengths[i] for i in b) * len(b) for b in rand)
+    assert padded < 0.8 * padded_random
+    assert batches != group_by_length(lengths, batch_size=4, seed=4)
