@@ -1,0 +1,433 @@
+"""Merge a trained LoRA adapter into its base model and write a plain transformers folder.
+
+The adapter folder (finetune.py's output) says which base and template it belongs to
+(`lora_alpaca.json`); the base is always loaded unquantized for merging, because merging
+into int8/nf4 weights would re-quantize the sum and lose most of the adapter. The export is
+written into a private temp folder beside `--output_dir` and renamed at the end, so a crash
+never leaves a half-written model where a finished one is expected.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lora_alpaca.errors import UsageError
+from lora_alpaca.manifest import check_base_fingerprint, read_manifest, template_from_manifest
+from lora_alpaca.models import BaseModelRef, load_config, resolve_base_model
+from lora_alpaca.prompts import PromptTemplate
+
+EXPORT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
+
+
+@dataclass
+class AdapterInfo:
+    """Everything export needs to know about one adapter folder, checked up front."""
+
+    dir: Path
+    manifest: dict
+    template: PromptTemplate
+    base: BaseModelRef
+    run: dict | None  # run.json, when training finished writing it
+    quantization: str  # how the base was loaded during training: none, 8bit, 4bit
+
+
+def read_adapter(
+    lora_weights: str,
+    base_model: str | None,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+) -> AdapterInfo:
+    """Validate the adapter folder and its base model; every problem is one UsageError line."""
+    if not lora_weights:
+        raise UsageError("--lora_weights is required: the output folder of finetune.py")
+    manifest = read_manifest(lora_weights)
+    adapter_dir = Path(lora_weights)
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise UsageError(
+            f"--lora_weights {lora_weights}: no adapter_config.json (training did not finish?)"
+        )
+    if not (adapter_dir / "adapter_model.safetensors").is_file():
+        if (adapter_dir / "adapter_model.bin").is_file() and not allow_pickle:
+            raise UsageError(
+                f"--lora_weights {lora_weights}: only adapter_model.bin (a pickle, which can run code "
+                "when loaded); pass --allow_pickle if you trust its source"
+            )
+        if not (adapter_dir / "adapter_model.bin").is_file():
+            raise UsageError(f"--lora_weights {lora_weights}: no adapter_model.safetensors")
+    spec = base_model or manifest["base_model"]["path"]
+    if not base_model and not Path(spec).exists():
+        raise UsageError(
+            f"--lora_weights {lora_weights}: its base model {spec!r} is not on this machine; "
+            "pass --base_model with a local copy of it"
+        )
+    base = resolve_base_model(spec)
+    check_base_fingerprint(manifest, load_config(base, trust_remote_code), base.name)
+    run = None
+    if (adapter_dir / "run.json").is_file():
+        try:
+            run = json.loads((adapter_dir / "run.json").read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            run = None  # provenance only: a damaged run.json must not block an export
+    return AdapterInfo(
+        dir=adapter_dir,
+        manifest=manifest,
+        template=template_from_manifest(manifest),
+        base=base,
+        run=run,
+        quantization=str(manifest.get("quantization") or "none"),
+    )
+
+
+def load_tokenizer_for(info: AdapterInfo, trust_remote_code: bool = False):
+    """The tokenizer as saved with the adapter (pad token as in training), else the base's."""
+    from transformers import AutoTokenizer
+
+    from lora_alpaca.models import load_tokenizer
+
+    if any((info.dir / f).is_file() for f in TOKENIZER_FILES):
+        return AutoTokenizer.from_pretrained(info.dir, trust_remote_code=trust_remote_code)
+    return load_tokenizer(info.base, trust_remote_code)
+
+
+def load_base(
+    info: AdapterInfo,
+    quantization: str = "none",
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+):
+    """The base model in fp32 (merging in fp32 keeps the low-rank update exact), or loaded
+    4-/8-bit exactly as training loaded it when the adapter's own outputs are the reference."""
+    from transformers import AutoModelForCausalLM
+
+    from lora_alpaca.models import quantization_config
+
+    kwargs: dict = dict(dtype=torch.float32, trust_remote_code=trust_remote_code)
+    if not allow_pickle:
+        kwargs["use_safetensors"] = True
+    qconfig = quantization_config(quantization, torch.float32)
+    if qconfig is not None:
+        kwargs.update(quantization_config=qconfig, device_map={"": "cpu"})
+    try:
+        model = AutoModelForCausalLM.from_pretrained(info.base.path, **kwargs)
+    except (OSError, ValueError) as e:
+        msg = " ".join(str(e).split())[:200]
+        hint = (
+            "; its weights may be pickled .bin files (pass --allow_pickle if you trust them)"
+            if not allow_pickle
+            else ""
+        )
+        raise UsageError(
+            f"--base_model {info.base.name}: could not load its weights ({msg}){hint}"
+        ) from None
+    model.eval()
+    return model
+
+
+def attach_adapter(base, info: AdapterInfo):
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(base, str(info.dir), is_trainable=False)
+    model.eval()
+    return model
+
+
+def dequantize_into(plain, quantized) -> int:
+    """Copy the dequantized nf4/int8 weights of `quantized` into the fp32 `plain` model.
+
+    This is the base the adapter actually saw during QLoRA training; merging onto it
+    reproduces the adapter's outputs, merging onto the original weights does not quite.
+    Returns the number of weights replaced.
+    """
+    from peft.utils.integrations import dequantize_module_weight
+
+    plain_modules = dict(plain.named_modules())
+    replaced = 0
+    with torch.no_grad():
+        for name, module in quantized.named_modules():
+            if type(module).__name__ in ("Linear4bit", "Linear8bitLt"):
+                weight = dequantize_module_weight(module).to(torch.float32)
+                plain_modules[name].weight.copy_(weight)
+                replaced += 1
+    return replaced
+
+
+def merge_adapter(peft_model):
+    """peft's merge, then a check that it really merged (alpaca-lora's exporter once
+    silently returned the unmerged base on a newer peft)."""
+    merged = peft_model.merge_and_unload()
+    leftovers = [n for n, _ in merged.named_modules() if "lora_" in n]
+    if leftovers:
+        raise RuntimeError(f"peft merge left LoRA modules behind: {leftovers[:3]}")
+    return merged
+
+
+def prepare_output(output_dir: str, must_be_empty: bool = True) -> Path:
+    """A private temp folder beside `output_dir`; refuses to touch an existing non-empty one."""
+    if not output_dir:
+        raise UsageError("--output_dir is required: where to write the merged model")
+    out = Path(output_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--output_dir {output_dir}: exists and is not a folder")
+    if must_be_empty and out.is_dir() and any(out.iterdir()):
+        raise UsageError(
+            f"--output_dir {output_dir}: folder exists and is not empty; choose a new folder"
+        )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+
+
+def publish(tmp: Path, output_dir: str) -> Path:
+    """Make the export readable (never world-writable) and move it into place in one rename."""
+    for root, dirs, files in os.walk(tmp):
+        for d in dirs:
+            os.chmod(Path(root) / d, 0o755)
+        for f in files:
+            os.chmod(Path(root) / f, 0o644)
+    os.chmod(tmp, 0o755)
+    out = Path(output_dir).expanduser()
+    if out.is_dir():
+        out.rmdir()  # empty (checked in prepare_output); rename cannot replace a folder
+    tmp.rename(out)
+    return out
+
+
+def discard(tmp: Path) -> None:
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def generation_config_for(info: AdapterInfo, tokenizer):
+    from transformers import GenerationConfig
+
+    eos = [tokenizer.eos_token_id]
+    return GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=eos if len(eos) > 1 else eos[0],
+        pad_token_id=tokenizer.pad_token_id,
+        # `stop_strings` needs `tokenizer=` in generate(); listed so HF users get the
+        # template's section headers as stops instead of a model that rambles on.
+        stop_strings=list(info.template.stop_strings) or None,
+    )
+
+
+def write_hf_folder(
+    merged, tokenizer, info: AdapterInfo, out: Path, dtype: str, max_shard_size: str
+) -> None:
+    """Sharded safetensors + config + generation config + tokenizer files.
+
+    Casts `merged` in place, so anything that wants the fp32 merge (the GGUF writer) runs first.
+    """
+    merged.to(EXPORT_DTYPES[dtype])
+    merged.config.dtype = EXPORT_DTYPES[dtype]
+    merged.generation_config = generation_config_for(info, tokenizer)
+    try:
+        merged.save_pretrained(out, max_shard_size=max_shard_size)
+    except ValueError as e:
+        raise UsageError(
+            f"--max_shard_size {max_shard_size}: {' '.join(str(e).split())[:160]}"
+        ) from None
+    tokenizer.save_pretrained(out)
+
+
+# --- the export run -------------------------------------------------------------------
+
+EXPORT_RECORD = "export.json"
+
+
+def resolve_merge_base(choice: str, info: AdapterInfo) -> str:
+    if choice == "auto":
+        return "dequantized" if info.quantization in ("4bit", "8bit") else "original"
+    if choice == "dequantized" and info.quantization not in ("4bit", "8bit"):
+        raise UsageError(
+            f"--merge_base dequantized: the adapter was trained on an unquantized base "
+            f"(quantization {info.quantization!r}); there is nothing to dequantize, use original"
+        )
+    return choice
+
+
+def merged_model(info: AdapterInfo, merge_base: str, cfg, tokenizer=None, prompts=None):
+    """(merged fp32 model, reference outputs of base+adapter before merging or None)."""
+    from lora_alpaca.parity import reference_outputs
+
+    base = load_base(info, "none", cfg.allow_pickle, cfg.trust_remote_code)
+    if merge_base == "dequantized":
+        quantized = load_base(info, info.quantization, cfg.allow_pickle, cfg.trust_remote_code)
+        dequantize_into(base, quantized)
+        del quantized
+    peft_model = attach_adapter(base, info)
+    refs = reference_outputs(peft_model, tokenizer, prompts) if prompts else None
+    return merge_adapter(peft_model), refs
+
+
+def compare_merge_bases(info: AdapterInfo, chosen: str, merged, tokenizer, prompts, cfg) -> dict:
+    """Both merge bases against the adapter as trained (quantized base + LoRA): which one
+    reproduces what the adapter said?"""
+    from lora_alpaca.parity import TOLERANCES, compare, reference_outputs
+
+    trained = attach_adapter(
+        load_base(info, info.quantization, cfg.allow_pickle, cfg.trust_remote_code), info
+    )
+    refs = reference_outputs(trained, tokenizer, prompts, n_greedy=0)
+    del trained
+    other = "original" if chosen == "dequantized" else "dequantized"
+    other_merged, _ = merged_model(info, other, cfg)
+    candidates = []
+    for name, model in ((chosen, merged), (other, other_merged)):
+        s = compare(refs, model, TOLERANCES["fp32"], tokenizer.eos_token_id, name)
+        candidates.append(
+            {k: s[k] for k in ("max_abs_logit_diff", "top1_agreement")} | {"merge_base": name}
+        )
+    better = min(candidates, key=lambda c: (c["max_abs_logit_diff"], -c["top1_agreement"]))
+    return {"exported": chosen, "candidates": candidates, "better": better["merge_base"]}
+
+
+def model_card(info: AdapterInfo, record: dict) -> str:
+    data = (info.run or {}).get("data") or {}
+    base_name = info.manifest["base_model"]["name"]
+    lines = [
+        "---",
+        f"base_model: {json.dumps(base_name)}",
+        "library_name: transformers",
+        "tags: [lora-alpaca, lora, merged]",
+        "---",
+        f"# {Path(str(info.dir)).resolve().name} (merged)",
+        "",
+        "A LoRA adapter merged into its base model by lora-alpaca's `export_hf_checkpoint.py`.",
+        "",
+        f"- **Base model:** {base_name}",
+        f"- **Adapter:** {info.dir.resolve()} (r={info.manifest.get('lora', {}).get('r')}, "
+        f"targets {', '.join(info.manifest.get('lora', {}).get('target_modules') or [])})",
+        f"- **Trained with base quantization:** {info.quantization}; merged onto the "
+        f"{record['merge_base']} base weights",
+        f"- **Prompt template:** {info.template.name} ({info.template.description})",
+        f"- **Training data:** {data.get('path', 'unknown (no run.json)')}"
+        + (
+            f", {data.get('train_rows')} train / {data.get('val_rows')} validation rows"
+            if data
+            else ""
+        ),
+        f"- **Exported as:** {record['dtype'] if record['transformers'] else 'GGUF only'}"
+        + (f"; GGUF: {', '.join(record['gguf'])}" if record["gguf"] else ""),
+        "",
+        "## Prompt format",
+        "",
+        "The model answers prompts in the format it was fine-tuned on:",
+        "",
+        "```",
+        info.template.prompt_no_input,
+        "```",
+        "",
+        f"Stop generating at: {', '.join(repr(s) for s in info.template.stop_strings)}.",
+        "",
+        "## Parity",
+        "",
+        "`parity.json` compares this export with the adapter on its base model (max |logit",
+        "difference|, top-1 agreement, greedy continuations).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _write_report(out: Path, report: dict) -> None:
+    from lora_alpaca.manifest import write_json_atomic
+    from lora_alpaca.parity import REPORT_NAME
+
+    write_json_atomic(out / REPORT_NAME, report)
+
+
+def run_export(cfg) -> int:
+    """The whole `export_hf_checkpoint.py` run; returns the exit code (1: parity failed)."""
+    from lora_alpaca.gguf_export import (
+        check_supported,
+        gguf_file_name,
+        tokenizer_metadata,
+        write_gguf,
+    )
+    from lora_alpaca.manifest import write_json_atomic
+    from lora_alpaca.models import log
+    from lora_alpaca.parity import check_exports, parity_prompts, summary_lines
+
+    if cfg.parity_prompts < 1:
+        raise UsageError(f"--parity_prompts {cfg.parity_prompts}: must be at least 1")
+    info = read_adapter(cfg.lora_weights, cfg.base_model, cfg.allow_pickle, cfg.trust_remote_code)
+    if cfg.parity_only:
+        return run_parity_only(cfg, info)
+    gguf_types = [] if cfg.gguf == "none" else [cfg.gguf]
+    if cfg.gguf_only and not gguf_types:
+        raise UsageError("--gguf_only: also pass --gguf f16 or --gguf q8_0")
+    merge_base = resolve_merge_base(cfg.merge_base, info)
+    tokenizer = load_tokenizer_for(info, cfg.trust_remote_code)
+    if gguf_types:  # refuse unsupported models before any heavy work or any disk write
+        base_config = load_config(info.base, cfg.trust_remote_code)
+        check_supported(base_config)
+        tokenizer_metadata(tokenizer, base_config.vocab_size)
+    tmp = prepare_output(cfg.output_dir)
+    try:
+        prompts = parity_prompts(info.template, info.run, cfg.parity_prompts)
+        log(f"merging {info.dir} into {info.base.name} (merge base: {merge_base})")
+        merged, refs = merged_model(info, merge_base, cfg, tokenizer, prompts)
+        record = {
+            "adapter": str(info.dir.resolve()),
+            "base_model": info.manifest["base_model"]["name"],
+            "merge_base": merge_base,
+            "dtype": cfg.dtype,
+            "transformers": not cfg.gguf_only,
+            "gguf": gguf_types,
+            "template": {"name": info.template.name, **info.template.to_dict()},
+        }
+        report: dict = {"prompts": prompts}
+        if info.quantization in ("4bit", "8bit"):
+            log("comparing merge bases against the adapter on its quantized base")
+            report["merge_base"] = compare_merge_bases(
+                info, merge_base, merged, tokenizer, prompts, cfg
+            )
+        name = f"{Path(info.manifest['base_model']['name']).name}-{info.dir.resolve().name}"
+        for qtype in gguf_types:  # before the HF write, which rounds `merged` in place
+            log(f"writing {gguf_file_name(qtype)}")
+            write_gguf(merged, tokenizer, info.template, tmp / gguf_file_name(qtype), qtype, name)
+        if not cfg.gguf_only:
+            log(f"writing the transformers checkpoint ({cfg.dtype})")
+            write_hf_folder(merged, tokenizer, info, tmp, cfg.dtype, cfg.max_shard_size)
+        del merged
+        write_json_atomic(tmp / EXPORT_RECORD, record)
+        (tmp / "README.md").write_text(model_card(info, record), encoding="utf-8")
+        log("parity check")
+        report["checks"] = check_exports(tmp, refs, info, record)
+        report["passed"] = all(s["passed"] for s in report["checks"])
+        _write_report(tmp, report)
+    except BaseException:
+        discard(tmp)
+        raise
+    out = publish(tmp, cfg.output_dir)
+    for line in summary_lines(report):
+        print(line)
+    print(f"wrote {out}" + ("" if report["passed"] else f"; parity FAILED, see {out}/parity.json"))
+    return 0 if report["passed"] else 1
+
+
+def run_parity_only(cfg, info: AdapterInfo) -> int:
+    """Re-check an existing export folder against its adapter (`--parity_only`)."""
+    from lora_alpaca.parity import check_exports, parity_prompts, summary_lines
+
+    out = Path(cfg.output_dir or "")
+    if not cfg.output_dir or not (out / EXPORT_RECORD).is_file():
+        raise UsageError(
+            f"--parity_only: --output_dir {cfg.output_dir!r} is not an export folder (no {EXPORT_RECORD})"
+        )
+    record = json.loads((out / EXPORT_RECORD).read_text(encoding="utf-8"))
+    tokenizer = load_tokenizer_for(info, cfg.trust_remote_code)
+    prompts = parity_prompts(info.template, info.run, cfg.parity_prompts)
+    _, refs = merged_model(info, record["merge_base"], cfg, tokenizer, prompts)
+    report = {"prompts": prompts, "checks": check_exports(out, refs, info, record)}
+    report["passed"] = all(s["passed"] for s in report["checks"])
+    _write_report(out, report)
+    for line in summary_lines(report):
+        print(line)
+    return 0 if report["passed"] else 1
