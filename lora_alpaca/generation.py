@@ -1,0 +1,288 @@
+"""Text generation shared by the sampler UI, the generate.py CLI and export's checks.
+
+Decoding modes that really differ (alpaca-lora set temperature/top-p/top-k but never
+`do_sample`, so under 4-beam search its sliders did nothing), a seed for repeatable samples,
+stopping on EOS *and* on the template's stop strings (transformers' `stop_strings`), the
+stop string cut from the returned text, the reason each answer ended, batched generation
+with left padding, and streaming through transformers' `TextIteratorStreamer`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import StoppingCriteria
+
+from lora_alpaca.errors import UsageError
+from lora_alpaca.prompts import PromptTemplate, cut_at_stop
+
+MODES = ("greedy", "sample", "beam")
+FINISH_REASONS = ("eos", "stop_string", "length")
+
+
+@dataclass(frozen=True)
+class DecodingSettings:
+    """How to pick tokens; only the fields of the chosen `mode` matter."""
+
+    mode: str = "greedy"
+    temperature: float = 0.7
+    top_p: float = 0.9
+    top_k: int = 40
+    num_beams: int = 4
+    repetition_penalty: float = 1.0
+    max_new_tokens: int = 256
+    seed: int = 0
+
+    def validate(self) -> DecodingSettings:
+        """One-line errors naming the flag; returns self so calls can chain."""
+        if self.mode not in MODES:
+            raise UsageError(f"--mode {self.mode!r}: allowed: {', '.join(MODES)}")
+        if self.mode == "sample" and not self.temperature > 0:
+            raise UsageError(
+                f"--temperature {self.temperature}: must be > 0 (use --mode greedy for temperature 0)"
+            )
+        if not 0 < self.top_p <= 1:
+            raise UsageError(f"--top_p {self.top_p}: must be in (0, 1]")
+        if self.top_k < 0:
+            raise UsageError(f"--top_k {self.top_k}: must be >= 0 (0 turns top-k off)")
+        if self.mode == "beam" and self.num_beams < 2:
+            raise UsageError(f"--num_beams {self.num_beams}: beam search needs >= 2 beams")
+        if not self.repetition_penalty > 0:
+            raise UsageError(
+                f"--repetition_penalty {self.repetition_penalty}: must be > 0 (1.0 = off)"
+            )
+        if self.max_new_tokens < 1:
+            raise UsageError(f"--max_new_tokens {self.max_new_tokens}: must be >= 1")
+        return self
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    text: str  # the response, stop string and everything after it removed
+    finish_reason: str  # "eos", "stop_string" or "length"
+    new_tokens: int  # tokens generated up to (and including) the EOS or stop string
+
+
+def eos_token_ids(model, tokenizer) -> list[int]:
+    """Every id that ends a turn: the tokenizer's EOS and the model's generation_config EOS."""
+    ids: list[int] = []
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for value in (tokenizer.eos_token_id, gen_eos):
+        for i in value if isinstance(value, (list, tuple)) else [value]:
+            if i is not None and int(i) not in ids:
+                ids.append(int(i))
+    return ids
+
+
+def build_generation_config(
+    settings: DecodingSettings, model, tokenizer, stop_strings: Sequence[str]
+):
+    """A GenerationConfig that sets only what the mode uses (so no sampler flag is silently inert)."""
+    from transformers import GenerationConfig
+
+    kwargs: dict = dict(
+        max_new_tokens=settings.max_new_tokens,
+        eos_token_id=eos_token_ids(model, tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        repetition_penalty=settings.repetition_penalty,
+        stop_strings=list(stop_strings) or None,
+    )
+    if settings.mode == "sample":
+        kwargs.update(
+            do_sample=True,
+            temperature=settings.temperature,
+            top_p=settings.top_p,
+            top_k=settings.top_k,
+            num_beams=1,
+        )
+    elif settings.mode == "beam":
+        kwargs.update(do_sample=False, num_beams=settings.num_beams, early_stopping=True)
+    else:
+        kwargs.update(do_sample=False, num_beams=1)
+    return GenerationConfig(**kwargs)
+
+
+def finish(
+    tokens: Sequence[int], tokenizer, eos_ids: Sequence[int], stop_strings: Sequence[str]
+) -> GenerationResult:
+    """Decode one row of new tokens, cut it at EOS / the first stop string, and say why it ended.
+
+    Rows that finished early in a batch are padded (with pad, which may equal EOS), so the
+    text is taken up to the first EOS and then searched for stop strings: a stop string
+    before that EOS means the stop string ended the row.
+    """
+    tokens = [int(t) for t in tokens]
+    eos_at = next((i for i, t in enumerate(tokens) if t in eos_ids), None)
+    kept = tokens if eos_at is None else tokens[:eos_at]
+    raw = tokenizer.decode(kept, skip_special_tokens=True)
+    text = cut_at_stop(raw, stop_strings)
+    if len(text) < len(raw):
+        reason = "stop_string"
+        count = _tokens_to_cover(kept, tokenizer, len(text))
+    elif eos_at is not None:
+        reason, count = "eos", eos_at + 1
+    else:
+        pad = tokenizer.pad_token_id
+        count = len(tokens)
+        while count and tokens[count - 1] == pad and pad not in eos_ids:
+            count -= 1
+        reason = "length"
+    return GenerationResult(text=text.strip(), finish_reason=reason, new_tokens=count)
+
+
+def _tokens_to_cover(tokens: list[int], tokenizer, n_chars: int) -> int:
+    """How many tokens it took to produce the stop string (for token counts in reports)."""
+    for k in range(1, len(tokens) + 1):
+        if len(tokenizer.decode(tokens[:k], skip_special_tokens=True)) > n_chars:
+            return k
+    return len(tokens)
+
+
+def safe_stream_prefix(text: str, stop_strings: Sequence[str]) -> str:
+    """What a stream may show now: text before any stop string, minus a tail that could
+    still become one (so `### Instr` is never flashed on screen and then taken back).
+
+    Hand-written because TextIteratorStreamer knows nothing about stop strings.
+    """
+    text = cut_at_stop(text, stop_strings)
+    hold = 0
+    for s in stop_strings:
+        for k in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:k]):
+                hold = max(hold, k)
+                break
+    return text[: len(text) - hold]
+
+
+class _Cancelled(StoppingCriteria):
+    """StoppingCriteria that ends generation of every row once `event` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.event = threading.Event()
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        return torch.full(
+            (input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device
+        )
+
+
+class TextGenerator:
+    """A loaded model + tokenizer + template, safe to share between UI request threads.
+
+    One lock serialises use of the model: `disable_adapter()` (base-model comparison)
+    and `torch.manual_seed` (repeatable samples) are process-wide state, so two requests
+    interleaving would corrupt each other's answers.
+    """
+
+    def __init__(
+        self, model, tokenizer, template: PromptTemplate, device: torch.device | None = None
+    ):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.template = template
+        self.stop_strings = tuple(template.stop_strings)
+        self.device = device or next(model.parameters()).device
+        self.eos_ids = eos_token_ids(model, tokenizer)
+        self.lock = threading.Lock()
+        model.eval()
+
+    @property
+    def has_adapter(self) -> bool:
+        return hasattr(self.model, "disable_adapter") and hasattr(self.model, "peft_config")
+
+    def _adapter_context(self, use_adapter: bool):
+        if use_adapter or not self.has_adapter:
+            return contextlib.nullcontext()
+        return self.model.disable_adapter()
+
+    def prompt_for(self, instruction: str, input: str | None = None) -> str:
+        return self.template.build_prompt(instruction, input or None)
+
+    def prompt_tokens(self, prompt: str) -> int:
+        return len(self.tokenizer(prompt)["input_ids"])
+
+    def _encode(self, prompts: Sequence[str]):
+        # Left padding: every row's last prompt token sits at the same position, so new
+        # tokens of all rows are appended in lockstep (right padding would put them after pads).
+        self.tokenizer.padding_side = "left"
+        enc = self.tokenizer(list(prompts), return_tensors="pt", padding=True)
+        return {k: v.to(self.device) for k, v in enc.items()}
+
+    def generate(
+        self, prompts: Sequence[str], settings: DecodingSettings, use_adapter: bool = True
+    ) -> list[GenerationResult]:
+        """Generate for a batch of full prompts (already templated)."""
+        settings.validate()
+        config = build_generation_config(settings, self.model, self.tokenizer, self.stop_strings)
+        with self.lock:
+            enc = self._encode(prompts)
+            torch.manual_seed(settings.seed)
+            with torch.inference_mode(), self._adapter_context(use_adapter):
+                out = self.model.generate(**enc, generation_config=config, tokenizer=self.tokenizer)
+        new = out[:, enc["input_ids"].shape[1] :].tolist()
+        return [finish(row, self.tokenizer, self.eos_ids, self.stop_strings) for row in new]
+
+    def stream(
+        self, prompt: str, settings: DecodingSettings, use_adapter: bool = True
+    ) -> Iterator[tuple[str, GenerationResult | None]]:
+        """Yield (text so far, None) while generating, then (final text, result) once.
+
+        Beam search cannot stream in transformers (it only knows the best beam at the
+        end), so in beam mode this yields the final answer only.
+        """
+        settings.validate()
+        if settings.mode == "beam":
+            result = self.generate([prompt], settings, use_adapter)[0]
+            yield result.text, result
+            return
+        from transformers import StoppingCriteriaList, TextIteratorStreamer
+
+        config = build_generation_config(settings, self.model, self.tokenizer, self.stop_strings)
+        cancel = _Cancelled()
+        streamer = TextIteratorStreamer(
+            self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600
+        )
+        holder: dict = {}
+
+        def work() -> None:
+            try:
+                with torch.inference_mode(), self._adapter_context(use_adapter):
+                    holder["out"] = self.model.generate(
+                        **enc,
+                        generation_config=config,
+                        tokenizer=self.tokenizer,
+                        streamer=streamer,
+                        stopping_criteria=StoppingCriteriaList([cancel]),
+                    )
+            except BaseException as e:  # re-raised in the caller's thread below
+                holder["error"] = e
+                streamer.end()
+
+        with self.lock:
+            enc = self._encode([prompt])
+            torch.manual_seed(settings.seed)
+            worker = threading.Thread(target=work, daemon=True)
+            worker.start()
+            text, shown = "", ""
+            try:
+                for piece in streamer:
+                    text += piece
+                    visible = safe_stream_prefix(text, self.stop_strings).lstrip()
+                    if visible != shown:
+                        shown = visible
+                        yield shown, None
+            finally:
+                # A closed stream (browser tab gone) stops the model at its next token
+                # instead of holding the lock until max_new_tokens.
+                cancel.event.set()
+                worker.join()
+        if "error" in holder:
+            raise holder["error"]
+        row = holder["out"][0, enc["input_ids"].shape[1] :].tolist()
+        result = finish(row, self.tokenizer, self.eos_ids, self.stop_strings)
+        yield result.text, result
