@@ -102,6 +102,8 @@ def load_generator(req: LoadRequest) -> Loaded:
         if not req.base_model and not Path(spec).exists():
             spec = manifest["base_model"]["name"]
         ref = resolve_base_model(spec)
+        if not req.base_model:  # show the name the user trained with, not a cache path
+            ref = type(ref)(manifest["base_model"]["name"], ref.path)
         check_base_fingerprint(manifest, load_config(ref, req.trust_remote_code), ref.name)
     else:
         ref = resolve_base_model(req.base_model)

@@ -211,14 +211,53 @@ def build_demo(
             s, b = m == "sample", m == "beam"
             return [gr.update(visible=s)] * 4 + [gr.update(visible=b)]
 
-        mode.change(show_controls, mode, [temperature, top_p, top_k, seed, num_beams], queue=False)
-        compare.change(lambda c: gr.update(visible=bool(c)), compare, base_output, queue=False)
+        mode.change(
+            show_controls,
+            mode,
+            [temperature, top_p, top_k, seed, num_beams],
+            queue=False,
+            api_visibility="private",
+        )
+        compare.change(
+            lambda c: gr.update(visible=bool(c)),
+            compare,
+            base_output,
+            queue=False,
+            api_visibility="private",
+        )
 
-        def handler(*args):
-            yield from respond(gen, limits, *args)
+        # Named parameters: they are the API's argument names for gradio_client users.
+        def generate(
+            instruction,
+            input,
+            mode,
+            temperature,
+            top_p,
+            top_k,
+            num_beams,
+            repetition_penalty,
+            max_new_tokens,
+            seed,
+            compare_with_base,
+        ):
+            yield from respond(
+                gen,
+                limits,
+                instruction,
+                input,
+                mode,
+                temperature,
+                top_p,
+                top_k,
+                num_beams,
+                repetition_penalty,
+                max_new_tokens,
+                seed,
+                compare_with_base,
+            )
 
         button.click(
-            handler,
+            generate,
             [
                 instruction,
                 input_box,
