@@ -40,12 +40,24 @@ def check_target_modules(model: nn.Module, targets: list[str]) -> None:
         )
 
 
+def keep_bnb_cpu_weights_trainable(model: nn.Module) -> None:
+    """bitsandbytes 0.50 on CPUs with AVX512-BF16 repacks a Linear4bit's weight into an
+    inference-only layout the first time it runs in eval mode without grad (our eval pass),
+    and every later forward then goes through `gemv_4bit`, which has no autograd: gradients
+    silently stop reaching the LoRA weights (every lora_B stays 0). Opt out of that repack
+    for models we train."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
 def add_lora(model: nn.Module, cfg, quantized: bool) -> nn.Module:
     """The peft model with LoRA on `cfg.lora_target_modules`; only LoRA weights train."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     check_target_modules(model, cfg.lora_target_modules)
     if quantized:
+        keep_bnb_cpu_weights_trainable(model)
         # Casts norms to fp32 and freezes the base; the peft-documented path for k-bit training.
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=cfg.gradient_checkpointing,

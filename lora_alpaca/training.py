@@ -213,7 +213,14 @@ def train_loop(
     bar = tqdm(total=total_steps, initial=pos.global_step, disable=not accelerator.is_main_process,
                desc="train", unit="step", dynamic_ncols=True, file=sys.stderr)
     zero_streak, t0, tokens_at_start = 0, time.time(), pos.tokens_seen
-    nan_step = int(os.environ.get("LORA_ALPACA_FAULT_NAN_STEP", "0"))  # fault-injection hook for tests
+    # Fault-injection hooks for the reliability tests: poison the loss, or have the process
+    # send itself a real signal, right after a given step.
+    nan_step = int(os.environ.get("LORA_ALPACA_FAULT_NAN_STEP", "0"))
+    signal_step = int(os.environ.get("LORA_ALPACA_FAULT_SIGNAL_STEP", "0"))
+    if val_rows and pos.global_step == 0:
+        ev = evaluate(module, val_rows, cfg, accelerator, autocast, batcher)
+        pos.eval_history.append({"step": 0, "eval_loss": ev})
+        log(f"step 0/{total_steps} | eval loss {ev:.4f} (before training)")
     module.train()
     with StopFlag() as stop:
         while pos.global_step < total_steps:
@@ -282,6 +289,8 @@ def train_loop(
                 log(f"step {pos.global_step}/{total_steps} | eval loss {ev:.4f}", bar)
                 if on_metrics:
                     on_metrics(pos.global_step, {"eval/loss": ev})
+            if signal_step and pos.global_step == signal_step:
+                os.kill(os.getpid(), signal.SIGTERM)
             stop_now = _all_sum(accelerator, [float(stop.signum)])[0] > 0
             if (cfg.save_steps and pos.global_step % cfg.save_steps == 0) or stop_now:
                 path = save(pos)
