@@ -276,6 +276,7 @@ def prepare_data(
             val = _dataset(tables["val"]) if tables["val"] is not None else None
             cached = (train, val, audit)
     train, val, audit = cached
+    audit.source = opts.data  # the same bytes may have been cached under another path
     for note in audit.notes:
         print(f"[lora_alpaca] warning: {note}", file=sys.stderr)
     if for_training and audit.zero_supervised_rows and not opts.allow_unsupervised:

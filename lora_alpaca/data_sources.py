@@ -15,7 +15,6 @@ import hashlib
 import io
 import json
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -196,12 +195,11 @@ def load_hub_dataset(spec: str) -> tuple[SourceFile, str]:
 
         loaded = datasets.load_dataset(spec)
     except Exception as e:  # network, auth and not-found errors come in many types
-        reason = " ".join(str(e).split())[:200]
-        print(f"[lora_alpaca] load_dataset({spec!r}) failed: {reason}", file=sys.stderr)
+        reason = " ".join(str(e).split())[:160]
         raise UsageError(
             f"{_flag(spec)}: not a local file or folder, and loading it as a Hugging Face hub "
-            f"dataset failed ({type(e).__name__}: offline or unknown id); "
-            "download it and pass the local file"
+            f"dataset failed ({type(e).__name__}: {reason}); offline or unknown id: download "
+            "it and pass the local file"
         ) from None
     if isinstance(loaded, datasets.DatasetDict):
         if "train" not in loaded:

@@ -123,7 +123,9 @@ def test_zero_learned_tokens_refused_reported_or_dropped(tmp_path, word_tok):
     assert "--allow_unsupervised" in str(e.value)
 
     audit_only = audit_of(tmp_path, word_tok, for_training=False, **kw).audit
-    assert audit_only.zero_supervised_rows == 1 and audit_only.zero_supervised_positions == ["row 1"]
+    assert audit_only.zero_supervised_rows == 1 and audit_only.zero_supervised_positions == [
+        "row 1"
+    ]
     assert "  rows with zero learned tokens: 1 (row 1)" in format_audit(audit_only, False)
 
     allowed = audit_of(tmp_path, word_tok, allow_unsupervised=True, **kw)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from lora_alpaca.data import DataOptions, prepare_data, split_indices, tokenize_example
@@ -236,6 +236,67 @@ def test_any_text_gives_a_valid_example_or_a_clear_error(
     assert all(labels[i] == ids[i] for i in learned)
 
 
+FIELD = st.one_of(
+    st.text(max_size=80),
+    st.text(alphabet=st.characters(blacklist_categories=()), max_size=5),  # surrogates too
+    st.none(),
+    st.integers(),
+    st.lists(st.text(max_size=3), max_size=2),
+)
+
+
+TEXT = st.text(min_size=1, max_size=200).filter(str.strip)
+VALID_ROW = st.fixed_dictionaries(
+    {"instruction": TEXT, "output": TEXT},
+    optional={"input": st.one_of(st.text(max_size=80), st.none())},
+)
+ANY_ROW = st.dictionaries(st.sampled_from(["instruction", "input", "output"]), FIELD)
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    rows=st.one_of(
+        st.lists(VALID_ROW, max_size=6), st.lists(st.one_of(VALID_ROW, ANY_ROW), max_size=6)
+    ),
+    empty_outputs=st.sampled_from(["error", "skip"]),
+)
+@example(
+    rows=[
+        {"instruction": "Say\x00 hi \u2028", "output": "\x1b[31mhi"},
+        {"instruction": "a", "output": " "},
+    ],
+    empty_outputs="skip",
+)  # the success path, always
+def test_any_rows_give_valid_examples_or_one_clear_error(
+    tmp_path_factory, tok, rows, empty_outputs
+):
+    d = tmp_path_factory.mktemp("prop")
+    f = d / "rows.json"
+    f.write_text(json.dumps(rows), encoding="utf-8")
+    try:
+        got = prepare_data(
+            DataOptions(data=str(f), empty_outputs=empty_outputs, cutoff_len=64),
+            tok,
+            load_template("alpaca"),
+            cache_dir=d / "cache",
+        )
+    except UsageError as e:
+        assert "\n" not in str(e) and str(f) in str(e)
+        return
+    a = got.audit
+    assert a.rows_read == len(rows) == a.rows_kept + sum(a.skipped.values())
+    assert a.train_rows + a.val_rows == a.rows_kept
+    for ds in (got.train, got.val) if got.val is not None else (got.train,):
+        for ex in ds:
+            ids, labels = ex["input_ids"], ex["labels"]
+            assert len(ids) == len(labels) == ex["length"] <= 64
+            assert ids[-1] == labels[-1] == tok.eos_token_id
+            src = rows[ex["row"]]
+            assert src["instruction"].strip() and src["output"].strip()
+
+
 # --- formats -------------------------------------------------------------------------
 
 
@@ -311,7 +372,10 @@ def test_hub_id_goes_through_load_dataset_and_fails_clearly_offline(tmp_path):
     assert (
         "USAGE: --data lora-alpaca-tests/no-such-dataset: not a local file or folder" in proc.stdout
     )
-    assert "hub dataset failed" in proc.stdout
+    assert (
+        "hub dataset failed (ConnectionError: " in proc.stdout
+        and "offline or unknown id" in proc.stdout
+    )
 
 
 # --- bad inputs: one line, file and row named ---------------------------------------
