@@ -20,6 +20,7 @@ from lora_alpaca.manifest import (
     template_from_manifest,
 )
 from lora_alpaca.models import (
+    BaseModelRef,
     load_config,
     load_model,
     load_tokenizer,
@@ -103,7 +104,7 @@ def load_generator(req: LoadRequest) -> Loaded:
             spec = manifest["base_model"]["name"]
         ref = resolve_base_model(spec)
         if not req.base_model:  # show the name the user trained with, not a cache path
-            ref = type(ref)(manifest["base_model"]["name"], ref.path)
+            ref = BaseModelRef(manifest["base_model"]["name"], ref.path)
         check_base_fingerprint(manifest, load_config(ref, req.trust_remote_code), ref.name)
     else:
         ref = resolve_base_model(req.base_model)
@@ -118,7 +119,7 @@ def load_generator(req: LoadRequest) -> Loaded:
     # The adapter folder holds the tokenizer exactly as used in training (pad token set).
     tok_src = ref
     if req.lora_weights and (Path(req.lora_weights) / "tokenizer_config.json").is_file():
-        tok_src = type(ref)(ref.name, str(Path(req.lora_weights)))
+        tok_src = BaseModelRef(ref.name, str(Path(req.lora_weights)))
     tokenizer = load_tokenizer(tok_src, req.trust_remote_code)
     precision = resolve_precision(req.dtype, device, req.quantization)
     log(f"loading {ref.name} ({precision.label}, quantization {req.quantization}) on {device}")

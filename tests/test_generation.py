@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 
 import pytest
 import torch
@@ -236,3 +237,15 @@ def test_probe_measures():
     md = report_markdown(r, "t", "setup")
     assert "| prompts | 4 |" in md and "75.0%" in md
     assert dataclasses.asdict(r) == r.as_dict()
+
+
+def test_merged_model_folder_uses_its_manifest_copy(tiny_model, adapter_dir, tmp_path):
+    merged = tmp_path / "merged"
+    shutil.copytree(tiny_model, merged)  # stands in for export_hf_checkpoint.py's output
+    shutil.copy(adapter_dir / "lora_alpaca.json", merged / "lora_alpaca.json")
+    gen = load_generator(LoadRequest(base_model=str(merged), dtype="fp32")).generator
+    assert not gen.has_adapter and gen.template.name == "alpaca_short"
+    override = load_generator(
+        LoadRequest(base_model=str(merged), prompt_template_name="vigogne", dtype="fp32")
+    )
+    assert override.generator.template.name == "vigogne"
