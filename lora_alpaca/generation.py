@@ -135,11 +135,17 @@ def finish(
 
 
 def _tokens_to_cover(tokens: list[int], tokenizer, n_chars: int) -> int:
-    """How many tokens it took to produce the stop string (for token counts in reports)."""
-    for k in range(1, len(tokens) + 1):
-        if len(tokenizer.decode(tokens[:k], skip_special_tokens=True)) > n_chars:
-            return k
-    return len(tokens)
+    """How many tokens it took to reach the stop string (for token counts in reports):
+    the fewest whose text runs past the kept `n_chars` (binary search; decoded length
+    grows with the number of tokens)."""
+    lo, hi = 1, len(tokens)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if len(tokenizer.decode(tokens[:mid], skip_special_tokens=True)) > n_chars:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
 
 
 def safe_stream_prefix(text: str, stop_strings: Sequence[str]) -> str:
