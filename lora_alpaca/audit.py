@@ -122,10 +122,18 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
 
+def _visible(text: str) -> str:
+    """Control characters from the data shown escaped (a raw ESC would restyle the terminal)."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() or c in "\n\t" else ascii(c)[1:-1] for c in text)
+
+
 def render_example(segments: list[list], color: bool) -> str:
     """Learned spans in green when `color`, else between [[ and ]]; indented 4 spaces."""
     parts = []
-    for text, learned in segments:
+    for raw, learned in segments:
+        text = _visible(raw)
         if learned:
             parts.append(f"\x1b[32m{text}\x1b[0m" if color else f"[[{text}]]")
         else:

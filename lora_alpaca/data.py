@@ -138,7 +138,8 @@ def _build(
     audit.skipped = {k: v for k, v in skipped.items() if v}
     audit.rows_kept = len(keep)
     if not len(keep):
-        raise UsageError(f"{source_name}: no rows left to train on ({audit.skipped})")
+        why = ", ".join(f"{n} {k}" for k, n in audit.skipped.items())
+        raise UsageError(f"{source_name}: no rows left to train on (all skipped: {why})")
     positions = [rows.positions[i] for i in keep]
     measure(
         audit,
@@ -269,7 +270,12 @@ def prepare_data(
         if sources is None:
             sources, _ = read_sources(opts.data)
         tables, audit = _build(opts, encoder, template, opts.data, sources)
-        _save_cache(entry, tables, audit)
+        try:
+            _save_cache(entry, tables, audit)
+        except OSError as e:  # a read-only or full cache folder must not stop training
+            print(
+                f"[lora_alpaca] warning: could not cache the tokenized data ({e})", file=sys.stderr
+            )
         cached = _load_cache(entry)
         if cached is None:  # cache folder not writable or vanished: serve from memory
             train = _dataset(tables["train"])

@@ -14,6 +14,11 @@ the end and re-rendering it, so the instruction header and the `### Response:` m
 model answers after are always present; the prompt keeps at least half the token budget
 while the response needs room. Then the response is cut from its end, and EOS is appended
 after the cut (the model learns to stop where the example stops).
+
+Note for SentencePiece tokenizers that prepend a space to a text's first word (LLaMA-1/2):
+the response, tokenized on its own, starts with "▁word"; the model then learns to answer
+with a leading space, which `PromptTemplate.get_response` strips. The ids stay consistent
+with generation, which feeds the same prompt ids.
 """
 
 from __future__ import annotations

@@ -131,3 +131,10 @@ def test_zero_learned_tokens_refused_reported_or_dropped(tmp_path, word_tok):
     allowed = audit_of(tmp_path, word_tok, allow_unsupervised=True, **kw)
     assert allowed.audit.skipped == {"zero learned tokens": 1}
     assert list(allowed.train["row"]) == [1] and allowed.audit.zero_supervised_rows == 0
+
+
+def test_control_characters_in_examples_are_shown_escaped(tmp_path, word_tok):
+    from lora_alpaca.audit import render_example
+
+    shown = render_example([["a\x1b[31m b\x00", False], ["c\nd", True]], color=False)
+    assert shown == "    a\\x1b[31m b\\x00[[c\n    d]]"

@@ -568,6 +568,10 @@ def test_overlength_error_lists_rows(tmp_path, tok):
     assert "hint: --overlength truncate cuts long rows, --overlength drop skips them" in msg
     got = prep(tmp_path, tok, f, overlength="drop", cutoff_len=128, val_set_size=0)
     assert list(got.train["row"]) == [0, 2] and got.audit.skipped == {"over --cutoff_len": 2}
+    only_long = write(tmp_path / "only.json", [{"instruction": "a", "output": long}])
+    assert error_of(tmp_path, tok, only_long, overlength="drop", cutoff_len=128).endswith(
+        "no rows left to train on (all skipped: 1 over --cutoff_len)"
+    )
 
 
 # --- split and cache -------------------------------------------------------------------
@@ -718,3 +722,11 @@ def test_real_alpaca_data_end_to_end(tmp_path, smol_tok, alpaca_json):
     assert a.zero_supervised_rows == 0 and len(a.examples) == 2
     cached = prep(tmp_path, smol_tok, alpaca_json, empty_outputs="skip")
     assert cached.fingerprint == got.fingerprint and cached.audit == got.audit
+
+
+def test_unwritable_cache_folder_still_prepares(tmp_path, tok, capsys):
+    blocker = tmp_path / "cache"
+    blocker.write_text("a file where the cache folder should be")
+    got = prep(tmp_path, tok, write(tmp_path / "ok.json", ROWS), val_set_size=0)
+    assert len(got.train) == len(ROWS)
+    assert "could not cache the tokenized data" in capsys.readouterr().err
