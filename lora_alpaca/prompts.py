@@ -90,6 +90,11 @@ def derive_stop_strings(prompt_input: str, prompt_no_input: str, response_split:
                 stops.append(line)
     if response_split and response_split.strip() not in stops:
         stops.append(response_split.strip())
+    # Markdown-style section headers (`### X:`): small models invent new ones
+    # (`### Output:`, `### Explanation:`) after their answer; a new header line ends it.
+    prefixes = {s.split(" ", 1)[0] for s in stops if " " in s}
+    if len(prefixes) == 1 and len(stops) >= 2 and set(prefixes.pop()) == {"#"}:
+        stops.append("\n" + stops[0].split(" ", 1)[0] + " ")
     return stops
 
 

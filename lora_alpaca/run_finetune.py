@@ -85,11 +85,21 @@ def run_training(cfg: FinetuneConfig) -> int:
     from lora_alpaca.lora_setup import add_lora, verify_saved_adapter
     from lora_alpaca.manifest import build_manifest
     from lora_alpaca.models import (
-        config_fingerprint, load_model, load_tokenizer, resolve_base_model, resolve_precision,
+        config_fingerprint,
+        load_model,
+        load_tokenizer,
+        resolve_base_model,
+        resolve_precision,
     )
     from lora_alpaca.outputs import library_versions, output_dir_problem, write_final_outputs
     from lora_alpaca.prompts import load_template
-    from lora_alpaca.training import InterruptedTraining, TrainingStopped, resume_fingerprint, check_resume, train_loop
+    from lora_alpaca.training import (
+        InterruptedTraining,
+        TrainingStopped,
+        check_resume,
+        resume_fingerprint,
+        train_loop,
+    )
 
     # ---- setup: everything that can be wrong with the input fails here, before any write
     started = time.time()
@@ -110,9 +120,9 @@ def run_training(cfg: FinetuneConfig) -> int:
         output_column=cfg.output_column, cutoff_len=cfg.cutoff_len, train_on_inputs=cfg.train_on_inputs,
         add_eos_token=cfg.add_eos_token, overlength=cfg.overlength, empty_outputs=cfg.empty_outputs,
         duplicates=cfg.duplicates, val_set_size=cfg.val_set_size, seed=cfg.seed,
-        allow_unsupervised=cfg.allow_unsupervised or cfg.audit_only,
+        allow_unsupervised=cfg.allow_unsupervised,
     )
-    prepared = prepare_data(opts, tokenizer, template)
+    prepared = prepare_data(opts, tokenizer, template, for_training=not cfg.audit_only)
     if int(os.environ.get("RANK", "0")) == 0:
         print(format_audit(prepared.audit), file=sys.stderr if not cfg.audit_only else sys.stdout, flush=True)
     if cfg.audit_only:
@@ -124,7 +134,9 @@ def run_training(cfg: FinetuneConfig) -> int:
 
     from accelerate import Accelerator
 
-    accelerator = Accelerator()
+    # cpu=True on machines without a GPU: otherwise accelerate ignores torchrun's WORLD_SIZE
+    # on CPU and every process trains alone.
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
     device = accelerator.device
     quantization = cfg.quantization if cfg.quantization != "auto" else ("8bit" if device.type == "cuda" else "none")
     precision = resolve_precision(cfg.dtype, device, quantization)

@@ -32,7 +32,7 @@ class FinetuneConfig:
     overlength: str = field("truncate", "Rows longer than --cutoff_len: truncate (cut the prompt first, then the response; EOS is always kept), drop, or error.", choices=["truncate", "drop", "error"])
     train_on_inputs: bool = field(False, "Also learn the prompt tokens. Default false: the prompt is masked with -100 and only the response (+EOS) is learned, as in Stanford's Alpaca recipe.")
     add_eos_token: bool = field(True, "Append EOS as the last learned token of every example (even truncated ones), so the model learns to stop.")
-    empty_outputs: str = field("error", "Rows with an empty output: error (list them), or skip (and count them).", choices=["error", "skip"])
+    empty_outputs: str = field("skip", "Rows with an empty output: skip (and count them: Stanford's alpaca_data.json has 28), or error (list them).", choices=["skip", "error"])
     duplicates: str = field("skip", "Exact duplicate rows: skip (keep the first, count the rest), or error.", choices=["skip", "error"])
     allow_unsupervised: bool = field(False, "Train even if some rows end up with zero learned tokens (normally refused).")
     val_set_size: int = field(2000, "Rows held out for evaluation (0 = none). Shrunk with a warning on small data.")

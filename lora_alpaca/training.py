@@ -217,6 +217,7 @@ def train_loop(
     # send itself a real signal, right after a given step.
     nan_step = int(os.environ.get("LORA_ALPACA_FAULT_NAN_STEP", "0"))
     signal_step = int(os.environ.get("LORA_ALPACA_FAULT_SIGNAL_STEP", "0"))
+    row_log = os.environ.get("LORA_ALPACA_ROW_LOG")  # which rows each step trained on
     if val_rows and pos.global_step == 0:
         ev = evaluate(module, val_rows, cfg, accelerator, autocast, batcher)
         pos.eval_history.append({"step": 0, "eval_loss": ev})
@@ -267,6 +268,9 @@ def train_loop(
             pos.global_step += 1
             pos.step_in_epoch += 1
             pos.tokens_seen += int(n_tok)
+            if row_log and accelerator.is_main_process:
+                with open(row_log, "a") as fh:
+                    fh.write(json.dumps({"step": pos.global_step, "epoch": pos.epoch, "rows": window}) + "\n")
             zero_streak = zero_streak + 1 if step_loss == 0.0 else 0
             if zero_streak >= 5:
                 raise TrainingStopped(

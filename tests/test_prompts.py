@@ -55,10 +55,10 @@ ORIGINAL = {
     },
 }
 STOPS = {
-    "alpaca": ("### Instruction:", "### Input:", "### Response:"),
-    "alpaca_legacy": ("### Instruction:", "### Input:", "### Response:"),
-    "alpaca_short": ("### Instruction:", "### Input:", "### Response:"),
-    "vigogne": ("### Instruction:", "### Entrée:", "### Réponse:"),
+    "alpaca": ("### Instruction:", "### Input:", "### Response:", "\n### "),
+    "alpaca_legacy": ("### Instruction:", "### Input:", "### Response:", "\n### "),
+    "alpaca_short": ("### Instruction:", "### Input:", "### Response:", "\n### "),
+    "vigogne": ("### Instruction:", "### Entrée:", "### Réponse:", "\n### "),
 }
 
 
