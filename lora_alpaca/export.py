@@ -10,20 +10,23 @@ never leaves a half-written model where a finished one is expected.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from lora_alpaca.errors import UsageError
+from lora_alpaca.export_output import (
+    discard,
+    model_card,
+    prepare_output,
+    publish,
+    write_hf_folder,
+)
 from lora_alpaca.manifest import check_base_fingerprint, read_manifest, template_from_manifest
 from lora_alpaca.models import BaseModelRef, load_config, resolve_base_model
 from lora_alpaca.prompts import PromptTemplate
 
-EXPORT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
 
 
@@ -37,6 +40,7 @@ class AdapterInfo:
     base: BaseModelRef
     run: dict | None  # run.json, when training finished writing it
     quantization: str  # how the base was loaded during training: none, 8bit, 4bit
+    stop_strings: tuple[str, ...]  # as the manifest records them (may extend the template's)
 
 
 def read_adapter(
@@ -70,6 +74,7 @@ def read_adapter(
         )
     base = resolve_base_model(spec)
     check_base_fingerprint(manifest, load_config(base, trust_remote_code), base.name)
+    template = template_from_manifest(manifest)
     run = None
     if (adapter_dir / "run.json").is_file():
         try:
@@ -79,10 +84,11 @@ def read_adapter(
     return AdapterInfo(
         dir=adapter_dir,
         manifest=manifest,
-        template=template_from_manifest(manifest),
+        template=template,
         base=base,
         run=run,
         quantization=str(manifest.get("quantization") or "none"),
+        stop_strings=tuple(manifest.get("stop_strings") or template.stop_strings),
     )
 
 
@@ -169,73 +175,6 @@ def merge_adapter(peft_model):
     return merged
 
 
-def prepare_output(output_dir: str, must_be_empty: bool = True) -> Path:
-    """A private temp folder beside `output_dir`; refuses to touch an existing non-empty one."""
-    if not output_dir:
-        raise UsageError("--output_dir is required: where to write the merged model")
-    out = Path(output_dir).expanduser()
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--output_dir {output_dir}: exists and is not a folder")
-    if must_be_empty and out.is_dir() and any(out.iterdir()):
-        raise UsageError(
-            f"--output_dir {output_dir}: folder exists and is not empty; choose a new folder"
-        )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-
-
-def publish(tmp: Path, output_dir: str) -> Path:
-    """Make the export readable (never world-writable) and move it into place in one rename."""
-    for root, dirs, files in os.walk(tmp):
-        for d in dirs:
-            os.chmod(Path(root) / d, 0o755)
-        for f in files:
-            os.chmod(Path(root) / f, 0o644)
-    os.chmod(tmp, 0o755)
-    out = Path(output_dir).expanduser()
-    if out.is_dir():
-        out.rmdir()  # empty (checked in prepare_output); rename cannot replace a folder
-    tmp.rename(out)
-    return out
-
-
-def discard(tmp: Path) -> None:
-    shutil.rmtree(tmp, ignore_errors=True)
-
-
-def generation_config_for(info: AdapterInfo, tokenizer):
-    from transformers import GenerationConfig
-
-    eos = [tokenizer.eos_token_id]
-    return GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=eos if len(eos) > 1 else eos[0],
-        pad_token_id=tokenizer.pad_token_id,
-        # `stop_strings` needs `tokenizer=` in generate(); listed so HF users get the
-        # template's section headers as stops instead of a model that rambles on.
-        stop_strings=list(info.template.stop_strings) or None,
-    )
-
-
-def write_hf_folder(
-    merged, tokenizer, info: AdapterInfo, out: Path, dtype: str, max_shard_size: str
-) -> None:
-    """Sharded safetensors + config + generation config + tokenizer files.
-
-    Casts `merged` in place, so anything that wants the fp32 merge (the GGUF writer) runs first.
-    """
-    merged.to(EXPORT_DTYPES[dtype])
-    merged.config.dtype = EXPORT_DTYPES[dtype]
-    merged.generation_config = generation_config_for(info, tokenizer)
-    try:
-        merged.save_pretrained(out, max_shard_size=max_shard_size)
-    except ValueError as e:
-        raise UsageError(
-            f"--max_shard_size {max_shard_size}: {' '.join(str(e).split())[:160]}"
-        ) from None
-    tokenizer.save_pretrained(out)
-
-
 # --- the export run -------------------------------------------------------------------
 
 EXPORT_RECORD = "export.json"
@@ -267,72 +206,16 @@ def merged_model(info: AdapterInfo, merge_base: str, cfg, tokenizer=None, prompt
 
 
 def compare_merge_bases(info: AdapterInfo, chosen: str, merged, tokenizer, prompts, cfg) -> dict:
-    """Both merge bases against the adapter as trained (quantized base + LoRA): which one
-    reproduces what the adapter said?"""
-    from lora_alpaca.parity import TOLERANCES, compare, reference_outputs
+    """Both merge bases against the adapter as trained (quantized base + LoRA)."""
+    from lora_alpaca.parity import rank_candidates, reference_outputs
 
-    trained = attach_adapter(
-        load_base(info, info.quantization, cfg.allow_pickle, cfg.trust_remote_code), info
-    )
+    flags = (cfg.allow_pickle, cfg.trust_remote_code)
+    trained = attach_adapter(load_base(info, info.quantization, *flags), info)
     refs = reference_outputs(trained, tokenizer, prompts, n_greedy=0)
     del trained
     other = "original" if chosen == "dequantized" else "dequantized"
-    other_merged, _ = merged_model(info, other, cfg)
-    candidates = []
-    for name, model in ((chosen, merged), (other, other_merged)):
-        s = compare(refs, model, TOLERANCES["fp32"], tokenizer.eos_token_id, name)
-        candidates.append(
-            {k: s[k] for k in ("max_abs_logit_diff", "top1_agreement")} | {"merge_base": name}
-        )
-    better = min(candidates, key=lambda c: (c["max_abs_logit_diff"], -c["top1_agreement"]))
-    return {"exported": chosen, "candidates": candidates, "better": better["merge_base"]}
-
-
-def model_card(info: AdapterInfo, record: dict) -> str:
-    data = (info.run or {}).get("data") or {}
-    base_name = info.manifest["base_model"]["name"]
-    lines = [
-        "---",
-        f"base_model: {json.dumps(base_name)}",
-        "library_name: transformers",
-        "tags: [lora-alpaca, lora, merged]",
-        "---",
-        f"# {Path(str(info.dir)).resolve().name} (merged)",
-        "",
-        "A LoRA adapter merged into its base model by lora-alpaca's `export_hf_checkpoint.py`.",
-        "",
-        f"- **Base model:** {base_name}",
-        f"- **Adapter:** {info.dir.resolve()} (r={info.manifest.get('lora', {}).get('r')}, "
-        f"targets {', '.join(info.manifest.get('lora', {}).get('target_modules') or [])})",
-        f"- **Trained with base quantization:** {info.quantization}; merged onto the "
-        f"{record['merge_base']} base weights",
-        f"- **Prompt template:** {info.template.name} ({info.template.description})",
-        f"- **Training data:** {data.get('path', 'unknown (no run.json)')}"
-        + (
-            f", {data.get('train_rows')} train / {data.get('val_rows')} validation rows"
-            if data
-            else ""
-        ),
-        f"- **Exported as:** {record['dtype'] if record['transformers'] else 'GGUF only'}"
-        + (f"; GGUF: {', '.join(record['gguf'])}" if record["gguf"] else ""),
-        "",
-        "## Prompt format",
-        "",
-        "The model answers prompts in the format it was fine-tuned on:",
-        "",
-        "```",
-        info.template.prompt_no_input,
-        "```",
-        "",
-        f"Stop generating at: {', '.join(repr(s) for s in info.template.stop_strings)}.",
-        "",
-        "## Parity",
-        "",
-        "`parity.json` compares this export with the adapter on its base model (max |logit",
-        "difference|, top-1 agreement, greedy continuations).",
-        "",
-    ]
-    return "\n".join(lines)
+    candidates = {chosen: merged, other: merged_model(info, other, cfg)[0]}
+    return {"exported": chosen, **rank_candidates(refs, candidates, tokenizer.eos_token_id)}
 
 
 def _write_report(out: Path, report: dict) -> None:
@@ -391,7 +274,15 @@ def run_export(cfg) -> int:
         name = f"{Path(info.manifest['base_model']['name']).name}-{info.dir.resolve().name}"
         for qtype in gguf_types:  # before the HF write, which rounds `merged` in place
             log(f"writing {gguf_file_name(qtype)}")
-            write_gguf(merged, tokenizer, info.template, tmp / gguf_file_name(qtype), qtype, name)
+            write_gguf(
+                merged,
+                tokenizer,
+                info.template,
+                tmp / gguf_file_name(qtype),
+                qtype,
+                name,
+                stop_strings=info.stop_strings,
+            )
         if not cfg.gguf_only:
             log(f"writing the transformers checkpoint ({cfg.dtype})")
             write_hf_folder(merged, tokenizer, info, tmp, cfg.dtype, cfg.max_shard_size)

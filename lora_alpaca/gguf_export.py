@@ -168,7 +168,13 @@ def _encode(name: str, w: np.ndarray, qtype: str):
 
 
 def write_gguf(
-    model, tokenizer, template: PromptTemplate, path: Path, qtype: str, name: str
+    model,
+    tokenizer,
+    template: PromptTemplate,
+    path: Path,
+    qtype: str,
+    name: str,
+    stop_strings: tuple[str, ...] | None = None,
 ) -> Path:
     """Write `model` (fp32, merged) to `path` as a single GGUF file."""
     import gguf
@@ -227,7 +233,7 @@ def write_gguf(
     # Not llama.cpp keys (it ignores unknown ones): the exact prompt format and stops, for
     # people writing an Ollama Modelfile or a frontend preset by hand.
     w.add_string("lora_alpaca.prompt_template", json.dumps(template.to_dict()))
-    w.add_array("lora_alpaca.stop_strings", list(template.stop_strings) or [""])
+    w.add_array("lora_alpaca.stop_strings", list(stop_strings or template.stop_strings) or [""])
 
     name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layers)
     for hf_name, tensor in state.items():

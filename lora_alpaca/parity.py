@@ -5,11 +5,11 @@ unmerged adapter, fp32) and through the exported model, fed the *same token ids*
 
 - max |logit difference| over every prompt position and vocabulary entry, against a
   tolerance per export dtype (`atol + rtol * max|reference logit|`);
-- top-1 agreement at every prompt position; required to be perfect where the reference is
-  decisive (its top-2 margin exceeds the tolerance), reported raw everywhere;
+- top-1 agreement over every prompt position, at least a per-dtype share;
 - greedy continuations of the first few prompts, required identical, except that a split
-  at a step where the reference itself was at a near-tie (margin below tolerance) is
-  accepted and reported: rounding weights to 16 bits can legitimately flip a coin toss.
+  at a step where the reference itself was at a near-tie (top-2 margin within twice the
+  logit difference the export showed) is accepted and reported: rounding weights to 16
+  or 8 bits can legitimately flip a coin toss.
 
 Self-contained on purpose (a tiny cached greedy loop), so it checks the model and not a
 sampler that might share a bug with it.
@@ -56,6 +56,7 @@ BUILTIN_PROMPTS: list[tuple[str, str]] = [
 class Tolerance:
     atol: float
     rtol: float
+    min_top1: float  # least share of prompt positions whose top-1 token must agree
 
     def bound(self, scale: float) -> float:
         return self.atol + self.rtol * scale
@@ -63,13 +64,14 @@ class Tolerance:
 
 # Per export format. fp32 exports differ from the reference only by summation order; the
 # 16-bit ones by rounding every weight once (the exported model is run in fp32, so this
-# measures the file, not CPU half-precision arithmetic); q8_0 by 8-bit blocks.
+# measures the file, not CPU half-precision arithmetic); q8_0 by 8-bit blocks. Calibrated on
+# SmolLM2-135M (bf16: max 0.18 at |logit| ~33; q8_0: 0.88, top-1 0.985) with ~2x headroom.
 TOLERANCES = {
-    "fp32": Tolerance(atol=1e-3, rtol=1e-4),
-    "fp16": Tolerance(atol=2e-2, rtol=5e-3),
-    "bf16": Tolerance(atol=1e-1, rtol=4e-2),
-    "gguf-f16": Tolerance(atol=2e-2, rtol=5e-3),
-    "gguf-q8_0": Tolerance(atol=2e-1, rtol=6e-2),
+    "fp32": Tolerance(atol=1e-3, rtol=1e-4, min_top1=0.99),
+    "fp16": Tolerance(atol=2e-2, rtol=3e-3, min_top1=0.98),
+    "bf16": Tolerance(atol=1e-1, rtol=1e-2, min_top1=0.95),
+    "gguf-f16": Tolerance(atol=2e-2, rtol=3e-3, min_top1=0.98),
+    "gguf-q8_0": Tolerance(atol=2e-1, rtol=5e-2, min_top1=0.93),
 }
 
 
@@ -121,17 +123,21 @@ def parity_prompts(
 
 
 @torch.no_grad()
-def greedy(
+def run_prompt(
     model, ids: list[int], max_new_tokens: int, eos_id: int | None
-) -> tuple[list[int], list[float]]:
-    """Greedy continuation with a KV cache; also returns the top1-top2 margin per step."""
-    input_ids = torch.tensor([ids])
-    out = model(input_ids=input_ids, use_cache=True)
+) -> tuple[torch.Tensor, list[int], list[float]]:
+    """(prompt logits [len, vocab] fp32, greedy continuation, top1-top2 margin per step).
+
+    One forward over the prompt gives both the logits to compare and the KV cache the
+    greedy loop continues from.
+    """
+    out = model(input_ids=torch.tensor([ids]), use_cache=max_new_tokens > 0)
+    logits = out.logits[0].float()
     tokens: list[int] = []
     margins: list[float] = []
+    step = logits[-1]
     for _ in range(max_new_tokens):
-        logits = out.logits[0, -1].float()
-        top2 = torch.topk(logits, 2)
+        top2 = torch.topk(step, 2)
         nxt = int(top2.indices[0])
         tokens.append(nxt)
         margins.append(float(top2.values[0] - top2.values[1]))
@@ -140,12 +146,12 @@ def greedy(
         out = model(
             input_ids=torch.tensor([[nxt]]), past_key_values=out.past_key_values, use_cache=True
         )
-    return tokens, margins
+        step = out.logits[0, -1].float()
+    return logits, tokens, margins
 
 
-@torch.no_grad()
-def prompt_logits(model, ids: list[int]) -> torch.Tensor:
-    return model(input_ids=torch.tensor([ids])).logits[0].float()
+def greedy(model, ids: list[int], max_new_tokens: int, eos_id: int | None) -> list[int]:
+    return run_prompt(model, ids, max_new_tokens, eos_id)[1]
 
 
 def reference_outputs(
@@ -154,73 +160,85 @@ def reference_outputs(
     refs = []
     for i, text in enumerate(prompts):
         ids = tokenizer(text)["input_ids"]
-        ref = PromptRef(text=text, ids=ids, logits=prompt_logits(model, ids))
-        if i < n_greedy:
-            ref.greedy, ref.margins = greedy(model, ids, max_new_tokens, tokenizer.eos_token_id)
+        n = max_new_tokens if i < n_greedy else 0
+        logits, tokens, margins = run_prompt(model, ids, n, tokenizer.eos_token_id)
+        ref = PromptRef(text=text, ids=ids, logits=logits)
+        if n:
+            ref.greedy, ref.margins = tokens, margins
         refs.append(ref)
     return refs
+
+
+def _greedy_status(ref: PromptRef, tokens: list[int], perturbation: float) -> tuple[str, bool]:
+    """(status, acceptable). A split is acceptable only where the reference's own top-2
+    margin was within twice the logit perturbation this export showed on the prompt:
+    there a flip is arithmetic, not a broken export."""
+    pairs = zip(ref.greedy, tokens, strict=False)
+    split = next((s for s, (a, b) in enumerate(pairs) if a != b), None)
+    if split is None and len(tokens) != len(ref.greedy):
+        split = min(len(tokens), len(ref.greedy))
+    if split is None:
+        return "identical", True
+    if split < len(ref.margins) and ref.margins[split] <= 2 * perturbation:
+        return f"near-tie split at step {split} (margin {ref.margins[split]:.3g})", True
+    return f"differs from step {split}", False
 
 
 def compare(refs: list[PromptRef], model, tol: Tolerance, eos_id: int | None, label: str) -> dict:
     """Run `model` on the reference's prompts; a JSON-able section of the parity report."""
     max_diff, worst_bound = 0.0, 0.0
-    agree = total = decisive_agree = decisive_total = 0
+    agree = total = 0
     failures: list[str] = []
     greedy_rows = []
     for i, ref in enumerate(refs):
-        got = prompt_logits(model, ref.ids)
+        n = len(ref.greedy) if ref.greedy is not None else 0
+        got, tokens, _ = run_prompt(model, ref.ids, n, eos_id)
         if got.shape != ref.logits.shape:
-            failures.append(
-                f"prompt {i}: logits shape {tuple(got.shape)} != {tuple(ref.logits.shape)}"
-            )
+            shapes = f"{tuple(got.shape)} != {tuple(ref.logits.shape)}"
+            failures.append(f"prompt {i}: logits shape {shapes}")
             continue
         bound = tol.bound(float(ref.logits.abs().max()))
         diff = float((got - ref.logits).abs().max())
-        if diff > max_diff:
+        if diff >= max_diff:
             max_diff, worst_bound = diff, bound
         if diff > bound:
             failures.append(f"prompt {i}: max |logit diff| {diff:.4g} > {bound:.4g}")
-        top2 = torch.topk(ref.logits, 2, dim=-1)
-        same = top2.indices[:, 0] == got.argmax(-1)
-        decisive = (top2.values[:, 0] - top2.values[:, 1]) > bound
+        same = ref.logits.argmax(-1) == got.argmax(-1)
         agree += int(same.sum())
         total += same.numel()
-        decisive_agree += int((same & decisive).sum())
-        decisive_total += int(decisive.sum())
-        if not bool(same[decisive].all()):
-            failures.append(f"prompt {i}: top-1 token differs at a decisive position")
         if ref.greedy is not None:
-            tokens, _ = greedy(model, ref.ids, len(ref.greedy), eos_id)
-            split = next(
-                (s for s, (a, b) in enumerate(zip(ref.greedy, tokens, strict=False)) if a != b),
-                None,
-            )
-            if split is None and len(tokens) != len(ref.greedy):
-                split = min(len(tokens), len(ref.greedy))
-            status = "identical"
-            if split is not None:
-                near_tie = split < len(ref.margins) and ref.margins[split] <= bound
-                status = (
-                    f"near-tie split at step {split}" if near_tie else f"differs from step {split}"
-                )
-                if not near_tie:
-                    failures.append(f"prompt {i}: greedy continuation {status}")
+            status, ok = _greedy_status(ref, tokens, diff)
+            if not ok:
+                failures.append(f"prompt {i}: greedy continuation {status}")
             greedy_rows.append(
                 {"prompt": i, "status": status, "reference": ref.greedy, "exported": tokens}
             )
+    top1 = agree / max(total, 1)
+    if top1 < tol.min_top1:
+        failures.append(f"top-1 agreement {top1:.4f} < {tol.min_top1}")
     return {
         "target": label,
-        "tolerance": {"atol": tol.atol, "rtol": tol.rtol},
+        "tolerance": {"atol": tol.atol, "rtol": tol.rtol, "min_top1": tol.min_top1},
         "max_abs_logit_diff": max_diff,
         "bound_at_worst_prompt": worst_bound,
-        "top1_agreement": agree / max(total, 1),
-        "top1_agreement_decisive": decisive_agree / max(decisive_total, 1),
-        "decisive_positions": decisive_total,
+        "top1_agreement": top1,
         "positions": total,
         "greedy": greedy_rows,
         "passed": not failures,
         "failures": failures,
     }
+
+
+def rank_candidates(refs: list[PromptRef], candidates: dict, eos_id: int | None) -> dict:
+    """Which of several models (e.g. merge bases) reproduces the reference best?"""
+    rows = []
+    for name, model in candidates.items():
+        s = compare(refs, model, TOLERANCES["fp32"], eos_id, name)
+        rows.append(
+            {"merge_base": name} | {k: s[k] for k in ("max_abs_logit_diff", "top1_agreement")}
+        )
+    better = min(rows, key=lambda c: (c["max_abs_logit_diff"], -c["top1_agreement"]))
+    return {"candidates": rows, "better": better["merge_base"]}
 
 
 def tokenizer_section(refs: list[PromptRef], tokenizer, label: str) -> dict:
