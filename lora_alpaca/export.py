@@ -245,6 +245,14 @@ def run_export(cfg) -> int:
     gguf_types = [] if cfg.gguf == "none" else [cfg.gguf]
     if cfg.gguf_only and not gguf_types:
         raise UsageError("--gguf_only: also pass --gguf f16 or --gguf q8_0")
+    try:  # checked now, not after minutes of merging
+        from transformers.utils.hub import convert_file_size_to_int
+
+        convert_file_size_to_int(cfg.max_shard_size)
+    except (ValueError, TypeError):
+        raise UsageError(
+            f"--max_shard_size {cfg.max_shard_size!r}: not a size; use e.g. 500MB or 2GB"
+        ) from None
     merge_base = resolve_merge_base(cfg.merge_base, info)
     tokenizer = load_tokenizer_for(info, cfg.trust_remote_code)
     if gguf_types:  # refuse unsupported models before any heavy work or any disk write

@@ -226,6 +226,43 @@ def test_half_precision_exports_pass_parity(tiny_model, tmp_path, dtype):
     assert cfg["dtype"] == {"bf16": "bfloat16", "fp16": "float16"}[dtype]
 
 
+def test_gguf_only_and_sharding(tiny_model, tmp_path):
+    adapter = make_adapter(tiny_model, tmp_path / "ad")
+    code, out, err = export(
+        "--lora_weights",
+        adapter,
+        "--output_dir",
+        tmp_path / "g",
+        "--gguf",
+        "f16",
+        "--gguf_only",
+        "--parity_prompts",
+        "2",
+    )
+    assert code == 0, err + out
+    assert sorted(p.name for p in (tmp_path / "g").iterdir()) == [
+        "README.md",
+        "export.json",
+        "model-f16.gguf",
+        "parity.json",
+    ]
+    code, out, err = export(
+        "--lora_weights",
+        adapter,
+        "--output_dir",
+        tmp_path / "s",
+        "--dtype",
+        "fp32",
+        "--max_shard_size",
+        "200KB",
+        "--parity_prompts",
+        "2",
+    )
+    assert code == 0, err + out
+    assert len(list((tmp_path / "s").glob("model-*-of-*.safetensors"))) > 1
+    assert (tmp_path / "s" / "model.safetensors.index.json").is_file()
+
+
 def test_tied_embeddings_export(tmp_path):
     base = make_tiny_model(tmp_path / "tied", tie=True)
     adapter = make_adapter(base, tmp_path / "ad", target_modules=("q_proj", "v_proj", "o_proj"))
@@ -336,6 +373,10 @@ def bad_input_cases(tiny_model: Path, tmp: Path):
             "Invalid value for '--gguf'",
         ),
         (["--lora_weights", adapter], "--output_dir is required"),
+        (
+            ["--lora_weights", adapter, "--output_dir", tmp / "o8", "--max_shard_size", "big"],
+            "not a size",
+        ),
     ]
 
 
