@@ -86,12 +86,7 @@ class PromptRef:
     margins: list[float] | None = None  # reference top1-top2 logit gap at each greedy step
 
 
-def _rows_from_file(path: Path) -> list[tuple[str, str]]:
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".jsonl":
-        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-    else:
-        rows = json.loads(text)
+def _valid_rows(rows) -> list[tuple[str, str]]:
     out = []
     for r in rows if isinstance(rows, list) else []:
         if (
@@ -103,16 +98,23 @@ def _rows_from_file(path: Path) -> list[tuple[str, str]]:
     return out
 
 
+def _rows_from_file(path: Path) -> list[tuple[str, str]]:
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".jsonl":
+        return _valid_rows([json.loads(line) for line in text.splitlines() if line.strip()])
+    return _valid_rows(json.loads(text))
+
+
 def parity_prompts(
     template: PromptTemplate, run: dict | None, k: int, seed: int = 1234
 ) -> list[str]:
-    """K prompts in the adapter's template: rows of its training data file (as named in
-    run.json) when readable, else the built-in list."""
-    rows: list[tuple[str, str]] = []
-    data_path = ((run or {}).get("data") or {}).get("path")
-    if data_path and Path(data_path).is_file():
+    """K prompts in the adapter's template: held-out rows when run.json lists some
+    (`data.val_sample`), else rows of the training data file it names, else built-ins."""
+    data = (run or {}).get("data") or {}
+    rows = _valid_rows(data.get("val_sample") or [])
+    if len(rows) < k and data.get("path") and Path(data["path"]).is_file():
         try:
-            rows = _rows_from_file(Path(data_path))
+            rows = _rows_from_file(Path(data["path"]))
         except (OSError, ValueError, UnicodeDecodeError):
             rows = []  # unreadable data only costs us realism, never the check
     if len(rows) >= k:

@@ -263,6 +263,24 @@ def test_gguf_only_and_sharding(tiny_model, tmp_path):
     assert (tmp_path / "s" / "model.safetensors.index.json").is_file()
 
 
+@pytest.mark.parametrize("arch", ["mistral", "qwen2"])
+def test_other_architectures_export(tmp_path, arch):
+    base = make_tiny_model(tmp_path / arch, arch=arch)
+    adapter = make_adapter(base, tmp_path / "ad", target_modules=("q_proj", "v_proj", "down_proj"))
+    code, out, err = export(
+        "--lora_weights",
+        adapter,
+        "--output_dir",
+        tmp_path / "o",
+        "--dtype",
+        "fp32",
+        "--parity_prompts",
+        "2",
+    )
+    assert code == 0, err + out
+    assert json.loads((tmp_path / "o" / "config.json").read_text())["model_type"] == arch
+
+
 def test_tied_embeddings_export(tmp_path):
     base = make_tiny_model(tmp_path / "tied", tie=True)
     adapter = make_adapter(base, tmp_path / "ad", target_modules=("q_proj", "v_proj", "o_proj"))
@@ -438,3 +456,25 @@ def test_smollm2_merge_passes_parity(smollm2, tmp_path):
     ]
     transformers_check = report["checks"][0]
     assert transformers_check["top1_agreement"] > 0.97
+
+
+def test_parity_prompt_sources(tmp_path, alpaca_json):
+    from lora_alpaca.parity import BUILTIN_PROMPTS, parity_prompts
+    from lora_alpaca.prompts import load_template
+
+    template = load_template("alpaca")
+    held_out = [
+        {"instruction": "Held out one.", "input": ""},
+        {"instruction": "Held out two.", "input": "x"},
+    ]
+    run = {"data": {"val_sample": held_out, "path": str(alpaca_json)}}
+    assert sorted(parity_prompts(template, run, 2)) == sorted(
+        [template.build_prompt("Held out one."), template.build_prompt("Held out two.", "x")]
+    )
+    rows = json.loads(alpaca_json.read_text())  # too few held-out rows: the real data file
+    known = {template.build_prompt(r["instruction"], r["input"]) for r in rows}
+    prompts = parity_prompts(template, run, 5)
+    assert len(set(prompts)) == 5 and set(prompts) <= known
+    assert parity_prompts(template, None, 3) == [
+        template.build_prompt(*r) for r in BUILTIN_PROMPTS[:3]
+    ]
