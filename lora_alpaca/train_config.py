@@ -58,7 +58,7 @@ class FinetuneConfig:
     gradient_checkpointing: bool = field(False, "Recompute activations in the backward pass: less memory, ~30% slower.")
     group_by_length: bool = field(False, "Batch rows of similar length together (less padding when --packing false).")
     packing: bool = field(True, "Padding-free batches: the rows of a micro-batch are concatenated with per-row positions and a block-diagonal attention mask, so no compute is spent on padding and rows never see each other.")
-    loss_chunk_size: int = field(1024, "Compute the LM-head + cross-entropy in chunks of this many tokens so the full logits never exist in memory (0 = plain loss).")
+    loss_chunk_size: int = field(256, "Compute the LM-head + cross-entropy in chunks of this many tokens so the full logits never exist in memory (0 = plain loss).")
     seed: int = field(42, "Random seed (data order, LoRA init, dropout).")
     # --- checkpoints, logging ------------------------------------------------------
     output_dir: str = field("./lora-alpaca", "Where the adapter, manifest, run.json, loss curve and checkpoints go. Never overwritten if not empty.")

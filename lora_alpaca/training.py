@@ -243,7 +243,7 @@ def train_loop(
                     # mean over every learned token of the whole effective batch.
                     loss = loss_sum * (world / max(n_sup, 1))
                     (scaler.scale(loss) if scaler else loss).backward()
-                step_loss += float(loss_sum)
+                step_loss += loss_sum.detach().item()
             step_loss = _all_sum(accelerator, [step_loss])[0] / max(n_sup, 1)
             if nan_step and pos.global_step + 1 == nan_step:
                 step_loss = float("nan")
