@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
 import re
 import sys
 import warnings
@@ -71,6 +72,12 @@ def config_fingerprint(config) -> str:
 
 
 def _hub_error(ref: BaseModelRef, what: str, e: Exception) -> UsageError:
+    if "trust_remote_code" in str(e) or "contains custom code" in str(e):
+        return UsageError(
+            f"--base_model {ref.name}: the model ships its own Python code, which runs only with "
+            "--trust_remote_code (off by default: that code can do anything on this machine); "
+            "pass it only if you trust the source"
+        )
     if ref.path == ref.name and not Path(ref.path).exists():
         return UsageError(
             f"--base_model {ref.name}: could not load {what} from the Hugging Face hub "
@@ -214,6 +221,13 @@ def load_model(
         kwargs["attn_implementation"] = attn_implementation
     try:
         model = AutoModelForCausalLM.from_pretrained(ref.path, **kwargs)
+    except pickle.UnpicklingError:
+        # transformers loads .bin weights with torch.load(weights_only=True), which refuses
+        # pickles holding anything but tensors (they could run code): say so in one line.
+        raise UsageError(
+            f"--base_model {ref.name}: its pickled .bin weights hold objects other than tensors "
+            "(refused: unpickling them could run code); use a safetensors copy of the model"
+        ) from None
     except (OSError, ValueError) as e:
         if attn_implementation and "attn_implementation" in str(e):
             kwargs.pop("attn_implementation")
