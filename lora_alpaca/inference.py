@@ -6,6 +6,7 @@ merged model folder, into a ready `TextGenerator`.
 from __future__ import annotations
 
 import json
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -129,7 +130,14 @@ def load_generator(req: LoadRequest) -> Loaded:
         from peft import PeftModel
 
         # peft reads adapter_model.safetensors when present (checked above), the pickle otherwise.
-        model = PeftModel.from_pretrained(model, req.lora_weights, is_trainable=False)
+        try:
+            model = PeftModel.from_pretrained(model, req.lora_weights, is_trainable=False)
+        except pickle.UnpicklingError:
+            # peft unpickles with weights_only=True even after --allow_pickle_adapter.
+            raise UsageError(
+                f"--lora_weights {req.lora_weights}: {ADAPTER_PICKLE} holds objects other than "
+                "tensors (refused: unpickling them could run code); use a safetensors adapter"
+            ) from None
         description = f"adapter {req.lora_weights} on {ref.name}"
     description += f", template {template.name}, {precision.label}"
     return Loaded(TextGenerator(model, tokenizer, template, device), description)
