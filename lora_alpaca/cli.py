@@ -189,6 +189,10 @@ def build_command(cls: type, main: Callable[[Any], int | None], help: str) -> cl
 def run(command: click.Command, argv: list[str] | None = None) -> None:
     """Run a command; user mistakes become one line on stderr and exit code 2."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    # Nothing the tools write may be world-writable, even under `umask 000` on a shared box.
+    # Tightening the umask once here covers our files and everything the libraries write
+    # (datasets cache, save_pretrained, gradio temp files); a stricter user umask is kept.
+    os.umask(os.umask(0o022) | 0o002)
     debug = "--debug" in argv or os.environ.get("LORA_ALPACA_DEBUG") == "1"
     try:
         rc = command.main(argv, standalone_mode=False)
