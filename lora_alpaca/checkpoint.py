@@ -14,12 +14,16 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import shutil
+import time
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from lora_alpaca.errors import UsageError
 
 CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
 COMPLETE = "COMPLETE"
@@ -70,6 +74,9 @@ def save_checkpoint(
     save_file({k: v.contiguous() for k, v in rng_state.items()}, str(tmp / "rng_state.safetensors"))
     (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2, default=str))
     _fsync_tree(tmp)
+    # Fault-injection hook (tests/test_fault_injection.py): hold the folder in its most
+    # deceptive state, every file written but no marker, so a test can kill it right there.
+    time.sleep(float(os.environ.get("LORA_ALPACA_FAULT_SLOW_SAVE") or 0))
     (tmp / COMPLETE).write_text("ok\n")
     with open(tmp / COMPLETE, "rb") as fh:
         os.fsync(fh.fileno())
@@ -114,10 +121,21 @@ def prune(root: Path, keep: int) -> None:
 
 def load_checkpoint(path: Path) -> dict:
     path = Path(path)
+
+    def plain(name: str):
+        try:
+            return torch.load(path / name, weights_only=True, map_location="cpu")
+        except pickle.UnpicklingError:
+            # weights_only refused a non-tensor object: the file was not written by us.
+            raise UsageError(
+                f"--resume_from_checkpoint {path}: {name} holds objects other than tensors "
+                "(refused: unpickling them could run code); resume from another checkpoint"
+            ) from None
+
     return {
         "adapter": load_file(str(path / "adapter_model.safetensors")),
-        "optimizer": torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"),
-        "scheduler": torch.load(path / "scheduler.pt", weights_only=True, map_location="cpu"),
+        "optimizer": plain("optimizer.pt"),
+        "scheduler": plain("scheduler.pt"),
         "rng": load_file(str(path / "rng_state.safetensors")),
         "trainer_state": json.loads((path / "trainer_state.json").read_text()),
     }
