@@ -78,6 +78,25 @@ def metrics_sink(cfg: FinetuneConfig, output_dir: Path):
     return None
 
 
+def val_sample(cfg: FinetuneConfig, prepared, k: int = 16) -> list[dict]:
+    """A few held-out {instruction, input} rows for export's parity check (rows the adapter
+    never trained on). Best effort: an unreadable source just gives no sample."""
+    if prepared.val is None or "row" not in prepared.val.column_names:
+        return []
+    try:
+        from lora_alpaca.data_sources import read_sources
+
+        sources, _ = read_sources(cfg.data)
+        records = [r for src in sources for r in src.records]
+        out = []
+        for idx in prepared.val["row"][:k]:
+            rec = records[idx]
+            out.append({"instruction": str(rec[cfg.instruction_column]), "input": str(rec.get(cfg.input_column) or "")})
+        return out
+    except Exception:  # noqa: BLE001 - a convenience, never a reason to fail a finished run
+        return []
+
+
 def run_training(cfg: FinetuneConfig) -> int:
     validate(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # cheap checks before heavy imports
     from lora_alpaca.audit import format_audit
@@ -191,7 +210,8 @@ def run_training(cfg: FinetuneConfig) -> int:
         run_info = {
             "config": cfg.to_dict(), "versions": library_versions(),
             "data": {"path": str(Path(cfg.data).expanduser().resolve()) if Path(cfg.data).expanduser().exists() else cfg.data,
-                     "fingerprint": data_fp, "train_rows": len(train_rows), "val_rows": len(val_rows)},
+                     "fingerprint": data_fp, "train_rows": len(train_rows), "val_rows": len(val_rows),
+                     "val_sample": val_sample(cfg, prepared)},
             "seed": cfg.seed, "world_size": accelerator.num_processes, "device": str(device),
             "quantization": quantization, "dtype": precision.label, "steps": pos.global_step,
             "wall_time_s": round(time.time() - started, 2), "train_time_s": round(pos.wall_time_s, 2),

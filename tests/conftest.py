@@ -51,3 +51,29 @@ def run_script(script: str, *args: str, env: dict | None = None, timeout: int = 
         timeout=timeout,
         cwd=cwd,
     )
+
+
+def readme_quickstart_commands() -> dict[str, list[str]]:
+    """The finetune.py and generate.py invocations of the README's first Quickstart command,
+    so the tests run exactly what the README tells users to run."""
+    import shlex
+
+    text = (ROOT / "README.md").read_text()
+    line = next(ln for ln in text.splitlines() if ln.startswith("python3 -m venv") and "finetune.py" in ln)
+    found = {}
+    for part in line.split("&&"):
+        words = shlex.split(part.strip())
+        if words[:2] in (["python", "finetune.py"], ["python", "generate.py"]):
+            found[words[1]] = words[2:]
+    assert set(found) == {"finetune.py", "generate.py"}, line
+    return found
+
+
+@pytest.fixture(scope="session")
+def quickstart_run(tmp_path_factory, smollm2) -> Path:
+    """The README Quickstart fine-tune of the real SmolLM2, run once per test session."""
+    out = tmp_path_factory.mktemp("quickstart") / "adapter"
+    args = readme_quickstart_commands()["finetune.py"] + ["--output_dir", str(out)]
+    r = run_script("finetune.py", *args, timeout=1800, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out

@@ -432,9 +432,10 @@ def test_allow_pickle_loads_bin_adapter(tiny_model, tmp_path):
 
 
 @pytest.mark.slow
-def test_smollm2_merge_passes_parity(smollm2, tmp_path):
-    """The real SmolLM2-135M with an adapter: bf16 transformers export and q8_0 GGUF pass."""
-    adapter = make_adapter(smollm2, tmp_path / "ad", scale=0.02)
+def test_smollm2_merge_passes_parity(quickstart_run, tmp_path):
+    """The real SmolLM2-135M after the README Quickstart fine-tune: bf16 transformers export
+    and q8_0 GGUF pass parity."""
+    adapter = quickstart_run
     code, out, err = export(
         "--lora_weights",
         adapter,
