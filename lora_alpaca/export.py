@@ -10,6 +10,7 @@ never leaves a half-written model where a finished one is expected.
 from __future__ import annotations
 
 import json
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,6 +124,12 @@ def load_base(
         kwargs.update(quantization_config=qconfig, device_map={"": "cpu"})
     try:
         model = AutoModelForCausalLM.from_pretrained(info.base.path, **kwargs)
+    except pickle.UnpicklingError:
+        # With --allow_pickle, transformers still unpickles .bin with weights_only=True.
+        raise UsageError(
+            f"--base_model {info.base.name}: its pickled .bin weights hold objects other than "
+            "tensors (refused: unpickling them could run code); use a safetensors copy"
+        ) from None
     except (OSError, ValueError) as e:
         msg = " ".join(str(e).split())[:200]
         hint = (
@@ -140,7 +147,14 @@ def load_base(
 def attach_adapter(base, info: AdapterInfo):
     from peft import PeftModel
 
-    model = PeftModel.from_pretrained(base, str(info.dir), is_trainable=False)
+    try:
+        model = PeftModel.from_pretrained(base, str(info.dir), is_trainable=False)
+    except pickle.UnpicklingError:
+        # peft unpickles a .bin adapter with weights_only=True, even after --allow_pickle.
+        raise UsageError(
+            f"--lora_weights {info.dir}: adapter_model.bin holds objects other than tensors "
+            "(refused: unpickling them could run code); use a safetensors adapter"
+        ) from None
     model.eval()
     return model
 
