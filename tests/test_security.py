@@ -153,6 +153,9 @@ def test_pickled_base_weights_are_refused_by_every_script(
     code, err = run_cli(cmds, capsys, "export", "--lora_weights", adapter, "--base_model", d,
                         "--output_dir", tmp_path / "o2")  # fmt: skip
     assert_one_line(code, err, "--allow_pickle")
+    code, err = run_cli(cmds, capsys, "export", "--lora_weights", adapter, "--base_model", d,
+                        "--allow_pickle", "--output_dir", tmp_path / "o2")  # fmt: skip
+    assert_one_line(code, err, f"--base_model {d}", "other than tensors")
     assert not marker.exists()
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
 
@@ -175,7 +178,10 @@ def test_pickled_adapter_needs_the_flag_and_even_then_runs_no_code(
     code, err = run_cli(cmds, capsys, "generate", "--lora_weights", adapter, "--prompt", "hi",
                         "--max_new_tokens", "1", "--allow_pickle_adapter")  # fmt: skip
     assert_one_line(code, err, f"--lora_weights {adapter}", "other than tensors")
-    assert not marker.exists()
+    code, err = run_cli(cmds, capsys, "export", "--lora_weights", adapter, "--allow_pickle",
+                        "--output_dir", tmp_path / "o")  # fmt: skip
+    assert_one_line(code, err, f"--lora_weights {adapter}", "other than tensors")
+    assert not marker.exists() and not (tmp_path / "o").exists()
 
 
 def test_tampered_checkpoint_is_refused_without_running_it(
