@@ -8,13 +8,12 @@ Output: one JSON line per row, in input order, with the response and why it ende
 from __future__ import annotations
 
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 from lora_alpaca.errors import UsageError
 from lora_alpaca.generation import DecodingSettings, TextGenerator
+from lora_alpaca.manifest import write_text_atomic  # noqa: F401 - re-exported for generate_app
 
 
 def _row_fields(row: object, where: str) -> dict:
@@ -110,18 +109,3 @@ def generate_rows(
 
 def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
     write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Temp file + rename: an interrupted run leaves no half-written output."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent.resolve())
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise

@@ -67,7 +67,10 @@ def save_checkpoint(
     tmp = root / f".tmp-checkpoint-{step:08d}"
     tmp.mkdir()
     # The adapter in PEFT's own layout, so a checkpoint can also be used directly.
-    save_file({k: v.detach().contiguous().cpu() for k, v in adapter_state.items()}, str(tmp / "adapter_model.safetensors"))
+    save_file(
+        {k: v.detach().contiguous().cpu() for k, v in adapter_state.items()},
+        str(tmp / "adapter_model.safetensors"),
+    )
     (tmp / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2, default=str))
     torch.save(optimizer_state, tmp / "optimizer.pt")
     torch.save(scheduler_state, tmp / "scheduler.pt")

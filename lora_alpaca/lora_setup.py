@@ -60,7 +60,8 @@ def add_lora(model: nn.Module, cfg, quantized: bool) -> nn.Module:
         keep_bnb_cpu_weights_trainable(model)
         # Casts norms to fp32 and freezes the base; the peft-documented path for k-bit training.
         model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=cfg.gradient_checkpointing,
+            model,
+            use_gradient_checkpointing=cfg.gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
     elif cfg.gradient_checkpointing:
@@ -79,7 +80,9 @@ def add_lora(model: nn.Module, cfg, quantized: bool) -> nn.Module:
     try:
         peft_model = get_peft_model(model, lora)
     except ValueError as e:
-        raise UsageError(f"--lora_target_modules {','.join(targets)}: {' '.join(str(e).split())[:300]}") from None
+        raise UsageError(
+            f"--lora_target_modules {','.join(targets)}: {' '.join(str(e).split())[:300]}"
+        ) from None
     if cfg.init_from_adapter:
         load_adapter_weights(peft_model, cfg.init_from_adapter)
     return peft_model
@@ -131,7 +134,9 @@ def verify_saved_adapter(peft_model, adapter_dir: Path, expect_trained: bool) ->
     targeted = [n for n, m in peft_model.named_modules() if isinstance(m, LoraLayer)]
     for name in targeted:
         stem = name.split("base_model.model.", 1)[-1]
-        if not any(stem in k and "lora_A" in k for k in saved) or not any(stem in k and "lora_B" in k for k in saved):
+        if not any(stem in k and "lora_A" in k for k in saved) or not any(
+            stem in k and "lora_B" in k for k in saved
+        ):
             problems.append(f"module {stem} has no LoRA weights in the file")
             break
     if not targeted:
@@ -145,4 +150,9 @@ def verify_saved_adapter(peft_model, adapter_dir: Path, expect_trained: bool) ->
         problems.append(f"file is {size} bytes, tensors need {payload}")
     if problems:
         raise RuntimeError("adapter check failed: " + "; ".join(problems))
-    return {"tensors": len(saved), "lora_modules": len(targeted), "nonzero_lora_B": b_nonzero, "bytes": size}
+    return {
+        "tensors": len(saved),
+        "lora_modules": len(targeted),
+        "nonzero_lora_B": b_nonzero,
+        "bytes": size,
+    }

@@ -20,14 +20,13 @@ MANIFEST_NAME = "lora_alpaca.json"
 MANIFEST_FORMAT = "lora-alpaca-manifest/1"
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON so a crash never leaves a half-written file (temp file + rename)."""
+def write_text_atomic(path: Path, text: str) -> None:
+    """Temp file + fsync + rename: a crash never leaves a half-written file."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent.resolve())
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=2, ensure_ascii=False, default=str)
-            fh.write("\n")
+            fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
         os.chmod(tmp, 0o644)
@@ -36,6 +35,10 @@ def write_json_atomic(path: Path, data: Any) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
 
 
 def build_manifest(
@@ -91,13 +94,17 @@ def read_manifest(adapter_dir: str | Path, flag: str = "--lora_weights") -> dict
         raise UsageError(f"{flag}: no such folder {str(adapter_dir)!r}")
     p = d / MANIFEST_NAME
     if not p.is_file():
-        raise UsageError(f"{flag} {adapter_dir}: no {MANIFEST_NAME} (not a lora-alpaca output folder, or training did not finish)")
+        raise UsageError(
+            f"{flag} {adapter_dir}: no {MANIFEST_NAME} (not a lora-alpaca output folder, or training did not finish)"
+        )
     try:
         m = json.loads(p.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UsageError(f"{flag} {adapter_dir}: {MANIFEST_NAME} is not valid JSON ({e})") from None
     if not isinstance(m, dict) or m.get("format") != MANIFEST_FORMAT:
-        raise UsageError(f"{flag} {adapter_dir}: {MANIFEST_NAME} has unknown format {m.get('format') if isinstance(m, dict) else None!r}")
+        raise UsageError(
+            f"{flag} {adapter_dir}: {MANIFEST_NAME} has unknown format {m.get('format') if isinstance(m, dict) else None!r}"
+        )
     return m
 
 
@@ -108,7 +115,9 @@ def template_from_manifest(manifest: dict) -> PromptTemplate:
     return parse_template(t, name, f"{MANIFEST_NAME} template")
 
 
-def check_base_fingerprint(manifest: dict, base_config, base_name: str, force: bool = False) -> None:
+def check_base_fingerprint(
+    manifest: dict, base_config, base_name: str, force: bool = False
+) -> None:
     """Refuse to put an adapter on a base model other than the one it was trained on."""
     from lora_alpaca.models import config_fingerprint
 

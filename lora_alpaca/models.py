@@ -24,9 +24,19 @@ from lora_alpaca.errors import UsageError
 HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # Keys that change with how a model was saved, not with what the model is.
 VOLATILE_CONFIG_KEYS = {
-    "_name_or_path", "transformers_version", "dtype", "torch_dtype", "quantization_config",
-    "use_cache", "architectures", "_attn_implementation_autoset", "output_attentions",
-    "output_hidden_states", "return_dict", "pad_token_id", "_commit_hash",
+    "_name_or_path",
+    "transformers_version",
+    "dtype",
+    "torch_dtype",
+    "quantization_config",
+    "use_cache",
+    "architectures",
+    "_attn_implementation_autoset",
+    "output_attentions",
+    "output_hidden_states",
+    "return_dict",
+    "pad_token_id",
+    "_commit_hash",
 }
 
 
@@ -49,7 +59,9 @@ def resolve_base_model(spec: str | None) -> BaseModelRef:
         return BaseModelRef(spec, str(convert_gguf(path, gguf_cache_path(path))))
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise UsageError(f"--base_model {spec}: folder has no config.json (not a transformers model folder)")
+            raise UsageError(
+                f"--base_model {spec}: folder has no config.json (not a transformers model folder)"
+            )
         return BaseModelRef(spec, str(path.resolve()))
     if path.exists():
         raise UsageError(f"--base_model {spec}: not a model folder or .gguf file")
@@ -83,7 +95,9 @@ def _hub_error(ref: BaseModelRef, what: str, e: Exception) -> UsageError:
             f"--base_model {ref.name}: could not load {what} from the Hugging Face hub "
             f"(offline or unknown id: {type(e).__name__}); download it and pass the local folder"
         )
-    return UsageError(f"--base_model {ref.name}: could not load {what} ({' '.join(str(e).split())[:200]})")
+    return UsageError(
+        f"--base_model {ref.name}: could not load {what} ({' '.join(str(e).split())[:200]})"
+    )
 
 
 def load_config(ref: BaseModelRef, trust_remote_code: bool = False):
@@ -105,15 +119,20 @@ def load_tokenizer(ref: BaseModelRef, trust_remote_code: bool = False):
 
     path = Path(ref.path)
     if path.is_dir() and not any(
-        (path / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
+        (path / f).is_file()
+        for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
     ):
-        raise UsageError(f"--base_model {ref.name}: folder has no tokenizer files (tokenizer.json or tokenizer.model)")
+        raise UsageError(
+            f"--base_model {ref.name}: folder has no tokenizer files (tokenizer.json or tokenizer.model)"
+        )
     try:
         tok = AutoTokenizer.from_pretrained(ref.path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, TypeError) as e:
         raise _hub_error(ref, "its tokenizer", e) from None
     if tok.eos_token_id is None:
-        raise UsageError(f"--base_model {ref.name}: tokenizer defines no EOS token; training would never learn to stop")
+        raise UsageError(
+            f"--base_model {ref.name}: tokenizer defines no EOS token; training would never learn to stop"
+        )
     if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
         if tok.unk_token_id is not None and tok.unk_token_id != tok.eos_token_id:
             tok.pad_token = tok.unk_token
@@ -127,7 +146,9 @@ def bf16_supported(device: torch.device) -> bool:
         return torch.cuda.is_bf16_supported()
     if device.type == "cpu":
         # AVX512-BF16 / AMX: oneDNN runs bf16 matmuls natively (2-6x fp32 here).
-        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        return bool(
+            torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        )
     return False
 
 
@@ -158,9 +179,13 @@ def resolve_precision(dtype: str, device: torch.device, quantization: str = "non
         else:
             dtype = "fp32"
     if dtype == "bf16" and not bf16_ok:
-        raise UsageError(f"--dtype bf16: this {device.type} has no bf16 support; use fp16, fp32 or auto")
+        raise UsageError(
+            f"--dtype bf16: this {device.type} has no bf16 support; use fp16, fp32 or auto"
+        )
     if dtype == "fp16" and device.type == "cpu":
-        raise UsageError("--dtype fp16: fp16 training is not supported on CPU; use bf16, fp32 or auto")
+        raise UsageError(
+            "--dtype fp16: fp16 training is not supported on CPU; use bf16, fp32 or auto"
+        )
     if dtype == "fp16" and quantization == "8bit" and device.type == "cuda":
         major, _ = torch.cuda.get_device_capability(device)
         if major < 8:
@@ -213,7 +238,9 @@ def load_model(
     device = device or torch.device("cpu")
     compute = precision.autocast or torch.float32
     qconfig = quantization_config(quantization, compute)
-    kwargs = dict(dtype=precision.weights if qconfig is None else compute, trust_remote_code=trust_remote_code)
+    kwargs = dict(
+        dtype=precision.weights if qconfig is None else compute, trust_remote_code=trust_remote_code
+    )
     if qconfig is not None:
         kwargs["quantization_config"] = qconfig
         kwargs["device_map"] = {"": device.index if device.type == "cuda" else "cpu"}

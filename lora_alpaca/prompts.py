@@ -104,10 +104,14 @@ def parse_template(data: object, name: str, source: str) -> PromptTemplate:
         raise UsageError(f"template {source}: expected a JSON object, got {type(data).__name__}")
     missing = [k for k in REQUIRED_KEYS if k not in data]
     if missing:
-        raise UsageError(f"template {source}: missing key(s) {', '.join(missing)}; required: {', '.join(REQUIRED_KEYS)}")
+        raise UsageError(
+            f"template {source}: missing key(s) {', '.join(missing)}; required: {', '.join(REQUIRED_KEYS)}"
+        )
     unknown = [k for k in data if k not in REQUIRED_KEYS + OPTIONAL_KEYS]
     if unknown:
-        raise UsageError(f"template {source}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(REQUIRED_KEYS + OPTIONAL_KEYS)}")
+        raise UsageError(
+            f"template {source}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(REQUIRED_KEYS + OPTIONAL_KEYS)}"
+        )
     for key in REQUIRED_KEYS:
         if not isinstance(data[key], str):
             raise UsageError(f"template {source}: {key} must be a string")
@@ -130,7 +134,9 @@ def parse_template(data: object, name: str, source: str) -> PromptTemplate:
         raise UsageError(f"template {source}: prompt_input must contain {{input}}")
     stops = data.get("stop_strings")
     if stops is None:
-        stops = derive_stop_strings(data["prompt_input"], data["prompt_no_input"], data["response_split"])
+        stops = derive_stop_strings(
+            data["prompt_input"], data["prompt_no_input"], data["response_split"]
+        )
     elif not (isinstance(stops, list) and all(isinstance(s, str) and s for s in stops)):
         raise UsageError(f"template {source}: stop_strings must be a list of non-empty strings")
     return PromptTemplate(
@@ -170,6 +176,8 @@ def load_template(name_or_path: str = "alpaca") -> PromptTemplate:
     except UnicodeDecodeError:
         raise UsageError(f"template {path}: not UTF-8 text") from None
     except json.JSONDecodeError as e:
-        raise UsageError(f"template {path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+        raise UsageError(
+            f"template {path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}"
+        ) from None
     name = path.stem if path.parent == TEMPLATES_DIR else str(path)
     return parse_template(data, name, str(path))

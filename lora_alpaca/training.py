@@ -61,7 +61,9 @@ class Position:
     eval_history: list = field(default_factory=list)
 
 
-def epoch_windows(n_rows: int, lengths: list[int], cfg: FinetuneConfig, epoch: int) -> list[list[int]]:
+def epoch_windows(
+    n_rows: int, lengths: list[int], cfg: FinetuneConfig, epoch: int
+) -> list[list[int]]:
     """Row indices of every optimizer step of an epoch: a seeded shuffle (the same on every
     process and after every resume), cut into windows of exactly --batch_size rows. The
     remainder (< batch_size rows, different ones each epoch) waits for the next epoch."""
@@ -69,9 +71,13 @@ def epoch_windows(n_rows: int, lengths: list[int], cfg: FinetuneConfig, epoch: i
     order = torch.randperm(n_rows, generator=g).tolist()
     if cfg.group_by_length:
         mega = cfg.batch_size * 16
-        order = [i for s in range(0, n_rows, mega) for i in sorted(order[s:s + mega], key=lambda j: -lengths[j])]
+        order = [
+            i
+            for s in range(0, n_rows, mega)
+            for i in sorted(order[s : s + mega], key=lambda j: -lengths[j])
+        ]
     b = cfg.batch_size
-    return [order[i * b:(i + 1) * b] for i in range(n_rows // b)]
+    return [order[i * b : (i + 1) * b] for i in range(n_rows // b)]
 
 
 def resume_fingerprint(cfg: FinetuneConfig, data_fingerprint: str) -> dict:
@@ -81,11 +87,16 @@ def resume_fingerprint(cfg: FinetuneConfig, data_fingerprint: str) -> dict:
 
 
 def check_resume(saved: dict, now: dict, force: bool) -> None:
-    diff = [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+    diff = [
+        f"{k}: {saved.get(k)!r} -> {now.get(k)!r}"
+        for k in sorted(set(saved) | set(now))
+        if saved.get(k) != now.get(k)
+    ]
     if diff and not force:
         raise UsageError(
             "--resume_from_checkpoint: data or settings differ from the checkpoint ("
-            + "; ".join(diff) + "); resume with the original flags, or pass --force_resume"
+            + "; ".join(diff)
+            + "); resume with the original flags, or pass --force_resume"
         )
     if diff:
         print(f"warning: resuming with changed settings: {'; '.join(diff)}", file=sys.stderr)
@@ -107,7 +118,11 @@ class StopFlag:
         if self.signum:  # second Ctrl-C: the user really wants out now
             raise KeyboardInterrupt
         self.signum = signum
-        print(f"\n{signal.Signals(signum).name} received: finishing this step and saving a checkpoint...", file=sys.stderr, flush=True)
+        print(
+            f"\n{signal.Signals(signum).name} received: finishing this step and saving a checkpoint...",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def __exit__(self, *exc):
         for sig, old in self._old.items():
@@ -125,11 +140,11 @@ def _all_sum(accelerator, values: list[float]) -> list[float]:
 def evaluate(module: nn.Module, rows: list[dict], cfg, accelerator, autocast, batcher) -> float:
     """Mean loss per learned token over the validation rows (sharded across processes)."""
     module.eval()
-    mine = rows[accelerator.process_index::accelerator.num_processes]
+    mine = rows[accelerator.process_index :: accelerator.num_processes]
     total, count = 0.0, 0
     with torch.no_grad(), autocast():
         for i in range(0, len(mine), cfg.micro_batch_size):
-            mb = mine[i:i + cfg.micro_batch_size]
+            mb = mine[i : i + cfg.micro_batch_size]
             total += float(module(**batcher(mb)))
             count += count_supervised(mb)
     module.train()
@@ -138,7 +153,11 @@ def evaluate(module: nn.Module, rows: list[dict], cfg, accelerator, autocast, ba
 
 
 def data_fingerprint_of(prepared) -> str:
-    return prepared.fingerprint if getattr(prepared, "fingerprint", None) else hashlib.sha256(b"none").hexdigest()[:16]
+    return (
+        prepared.fingerprint
+        if getattr(prepared, "fingerprint", None)
+        else hashlib.sha256(b"none").hexdigest()[:16]
+    )
 
 
 def train_loop(
@@ -168,12 +187,16 @@ def train_loop(
     warmup = cfg.warmup_steps
     if warmup >= total_steps // 2 and warmup > 0:
         warmup = max(total_steps // 10, 1 if total_steps > 1 else 0)
-        log(f"note: --warmup_steps {cfg.warmup_steps} is too long for a {total_steps}-step run; using {warmup}")
+        log(
+            f"note: --warmup_steps {cfg.warmup_steps} is too long for a {total_steps}-step run; using {warmup}"
+        )
     accum = cfg.batch_size // (cfg.micro_batch_size * world)
     per_rank = cfg.micro_batch_size * accum
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+    scheduler = get_scheduler(
+        cfg.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps
+    )
     pos = Position()
     if resume:
         from peft import set_peft_model_state_dict
@@ -183,14 +206,27 @@ def train_loop(
         scheduler.load_state_dict(resume["scheduler"])
         ckpt.set_rng_state(resume["rng"])
         st = resume["trainer_state"]
-        pos = Position(st["global_step"], st["epoch"], st["step_in_epoch"], st["tokens_seen"], st["history"], st["eval_history"])
+        pos = Position(
+            st["global_step"],
+            st["epoch"],
+            st["step_in_epoch"],
+            st["tokens_seen"],
+            st["history"],
+            st["eval_history"],
+        )
     module = LossModule(peft_model, cfg.loss_chunk_size)
     module, optimizer = accelerator.prepare(module, optimizer)
-    autocast = (lambda: torch.autocast(accelerator.device.type, dtype=precision.autocast)) if precision.autocast else contextlib.nullcontext
+    autocast = (
+        (lambda: torch.autocast(accelerator.device.type, dtype=precision.autocast))
+        if precision.autocast
+        else contextlib.nullcontext
+    )
     scaler = torch.amp.GradScaler("cuda") if precision.label == "fp16" else None
-    log(f"training: {len(train_rows)} rows, {steps_per_epoch} steps/epoch, {total_steps} steps of {cfg.batch_size} rows "
+    log(
+        f"training: {len(train_rows)} rows, {steps_per_epoch} steps/epoch, {total_steps} steps of {cfg.batch_size} rows "
         f"({cfg.micro_batch_size} x {accum} accumulation x {world} process(es)), dtype {precision.label}, "
-        f"packing {'on' if cfg.packing else 'off'}, {sum(p.numel() for p in trainable):,} trainable parameters")
+        f"packing {'on' if cfg.packing else 'off'}, {sum(p.numel() for p in trainable):,} trainable parameters"
+    )
 
     def save(position: Position) -> Path | None:
         from lora_alpaca.lora_setup import lora_state_dict
@@ -198,20 +234,39 @@ def train_loop(
         if not accelerator.is_main_process:
             return None
         state = {
-            "global_step": position.global_step, "epoch": position.epoch, "step_in_epoch": position.step_in_epoch,
-            "tokens_seen": position.tokens_seen, "history": position.history, "eval_history": position.eval_history,
-            "total_steps": total_steps, "resume_fingerprint": resume_fingerprint(cfg, data_fp),
+            "global_step": position.global_step,
+            "epoch": position.epoch,
+            "step_in_epoch": position.step_in_epoch,
+            "tokens_seen": position.tokens_seen,
+            "history": position.history,
+            "eval_history": position.eval_history,
+            "total_steps": total_steps,
+            "resume_fingerprint": resume_fingerprint(cfg, data_fp),
         }
         peft_cfg = peft_model.peft_config["default"].to_dict()
         return ckpt.save_checkpoint(
-            Path(cfg.output_dir), position.global_step, lora_state_dict(peft_model), peft_cfg,
-            optimizer.state_dict(), scheduler.state_dict(), ckpt.rng_state(), state, cfg.save_total_limit,
+            Path(cfg.output_dir),
+            position.global_step,
+            lora_state_dict(peft_model),
+            peft_cfg,
+            optimizer.state_dict(),
+            scheduler.state_dict(),
+            ckpt.rng_state(),
+            state,
+            cfg.save_total_limit,
         )
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total_steps, initial=pos.global_step, disable=not accelerator.is_main_process,
-               desc="train", unit="step", dynamic_ncols=True, file=sys.stderr)
+    bar = tqdm(
+        total=total_steps,
+        initial=pos.global_step,
+        disable=not accelerator.is_main_process,
+        desc="train",
+        unit="step",
+        dynamic_ncols=True,
+        file=sys.stderr,
+    )
     zero_streak, t0, tokens_at_start = 0, time.time(), pos.tokens_seen
     # Fault-injection hooks for the reliability tests: poison the loss, or have the process
     # send itself a real signal, right after a given step.
@@ -230,12 +285,20 @@ def train_loop(
                 pos.epoch, pos.step_in_epoch = pos.epoch + 1, 0
                 continue
             window = windows[pos.step_in_epoch]
-            mine = [train_rows[i] for i in window[rank * per_rank:(rank + 1) * per_rank]]
-            micro = [mine[i:i + cfg.micro_batch_size] for i in range(0, len(mine), cfg.micro_batch_size)]
-            n_sup, n_tok = _all_sum(accelerator, [sum(count_supervised(mb) for mb in micro), sum(len(r["input_ids"]) for r in mine)])
+            mine = [train_rows[i] for i in window[rank * per_rank : (rank + 1) * per_rank]]
+            micro = [
+                mine[i : i + cfg.micro_batch_size]
+                for i in range(0, len(mine), cfg.micro_batch_size)
+            ]
+            n_sup, n_tok = _all_sum(
+                accelerator,
+                [sum(count_supervised(mb) for mb in micro), sum(len(r["input_ids"]) for r in mine)],
+            )
             step_loss = 0.0
             for k, mb in enumerate(micro):
-                sync = contextlib.nullcontext() if k == len(micro) - 1 else accelerator.no_sync(module)
+                sync = (
+                    contextlib.nullcontext() if k == len(micro) - 1 else accelerator.no_sync(module)
+                )
                 with sync:
                     with autocast():
                         loss_sum = module(**batcher(mb))
@@ -270,7 +333,10 @@ def train_loop(
             pos.tokens_seen += int(n_tok)
             if row_log and accelerator.is_main_process:
                 with open(row_log, "a") as fh:
-                    fh.write(json.dumps({"step": pos.global_step, "epoch": pos.epoch, "rows": window}) + "\n")
+                    fh.write(
+                        json.dumps({"step": pos.global_step, "epoch": pos.epoch, "rows": window})
+                        + "\n"
+                    )
             zero_streak = zero_streak + 1 if step_loss == 0.0 else 0
             if zero_streak >= 5:
                 raise TrainingStopped(
@@ -278,16 +344,34 @@ def train_loop(
                     "or an fp16 overflow, alpaca-lora #170); check the audit and --dtype"
                 )
             if lr == 0.0 and pos.global_step > warmup + 1 and pos.global_step < total_steps:
-                raise TrainingStopped(f"learning rate is 0 at step {pos.global_step}, after warmup: check --learning_rate and --lr_scheduler")
+                raise TrainingStopped(
+                    f"learning rate is 0 at step {pos.global_step}, after warmup: check --learning_rate and --lr_scheduler"
+                )
             rate = (pos.tokens_seen - tokens_at_start) / max(time.time() - t0, 1e-9)
             bar.update(1)
             bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.1e}", tok_s=f"{rate:.0f}")
             if pos.global_step % cfg.logging_steps == 0 or pos.global_step == total_steps:
-                pos.history.append({"step": pos.global_step, "loss": step_loss, "lr": lr, "tokens": pos.tokens_seen, "tok_s": rate})
-                log(f"step {pos.global_step}/{total_steps} | loss {step_loss:.4f} | lr {lr:.2e} | {rate:.0f} tok/s", bar)
+                pos.history.append(
+                    {
+                        "step": pos.global_step,
+                        "loss": step_loss,
+                        "lr": lr,
+                        "tokens": pos.tokens_seen,
+                        "tok_s": rate,
+                    }
+                )
+                log(
+                    f"step {pos.global_step}/{total_steps} | loss {step_loss:.4f} | lr {lr:.2e} | {rate:.0f} tok/s",
+                    bar,
+                )
                 if on_metrics:
-                    on_metrics(pos.global_step, {"train/loss": step_loss, "train/lr": lr, "train/tokens_per_s": rate})
-            if val_rows and (pos.global_step % cfg.eval_steps == 0 or pos.global_step == total_steps):
+                    on_metrics(
+                        pos.global_step,
+                        {"train/loss": step_loss, "train/lr": lr, "train/tokens_per_s": rate},
+                    )
+            if val_rows and (
+                pos.global_step % cfg.eval_steps == 0 or pos.global_step == total_steps
+            ):
                 ev = evaluate(module, val_rows, cfg, accelerator, autocast, batcher)
                 pos.eval_history.append({"step": pos.global_step, "eval_loss": ev})
                 log(f"step {pos.global_step}/{total_steps} | eval loss {ev:.4f}", bar)
@@ -305,7 +389,12 @@ def train_loop(
                 raise InterruptedTraining(stop.signum or signal.SIGTERM, pos)
     bar.close()
     if val_rows and not pos.eval_history:
-        pos.eval_history.append({"step": pos.global_step, "eval_loss": evaluate(module, val_rows, cfg, accelerator, autocast, batcher)})
+        pos.eval_history.append(
+            {
+                "step": pos.global_step,
+                "eval_loss": evaluate(module, val_rows, cfg, accelerator, autocast, batcher),
+            }
+        )
     pos.wall_time_s = time.time() - t0
     pos.tokens_this_run = pos.tokens_seen - tokens_at_start
     return pos

@@ -8,14 +8,21 @@ from pathlib import Path
 import torch
 
 
-def make_adapter(base_dir: Path, out_dir: Path, template_name: str = "alpaca", r: int = 4,
-                 target_modules=("q_proj", "v_proj"), seed: int = 0, scale: float = 0.5) -> Path:
+def make_adapter(
+    base_dir: Path,
+    out_dir: Path,
+    template_name: str = "alpaca",
+    r: int = 4,
+    target_modules=("q_proj", "v_proj"),
+    seed: int = 0,
+    scale: float = 0.5,
+) -> Path:
     from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
 
     from lora_alpaca.manifest import build_manifest, write_manifest
     from lora_alpaca.models import BaseModelRef, config_fingerprint, load_tokenizer
     from lora_alpaca.prompts import load_template
-    from transformers import AutoModelForCausalLM
 
     ref = BaseModelRef(str(base_dir), str(base_dir))
     tok = load_tokenizer(ref)
@@ -31,11 +38,21 @@ def make_adapter(base_dir: Path, out_dir: Path, template_name: str = "alpaca", r
     model.save_pretrained(out_dir)
     tok.save_pretrained(out_dir)
     template = load_template(template_name)
-    write_manifest(out_dir, build_manifest(
-        base_model_name=str(base_dir), base_model_path=str(Path(base_dir).resolve()),
-        base_config_fingerprint=config_fingerprint(base.config), model_type=base.config.model_type,
-        template=template, tokenizer=tok, train_on_inputs=False, add_eos_token=True,
-        cutoff_len=256, quantization="none", dtype="fp32",
-        lora={**lora, "use_rslora": False, "use_dora": False},
-    ))
+    write_manifest(
+        out_dir,
+        build_manifest(
+            base_model_name=str(base_dir),
+            base_model_path=str(Path(base_dir).resolve()),
+            base_config_fingerprint=config_fingerprint(base.config),
+            model_type=base.config.model_type,
+            template=template,
+            tokenizer=tok,
+            train_on_inputs=False,
+            add_eos_token=True,
+            cutoff_len=256,
+            quantization="none",
+            dtype="fp32",
+            lora={**lora, "use_rslora": False, "use_dora": False},
+        ),
+    )
     return out_dir

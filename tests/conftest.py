@@ -59,7 +59,9 @@ def readme_quickstart_commands() -> dict[str, list[str]]:
     import shlex
 
     text = (ROOT / "README.md").read_text()
-    line = next(ln for ln in text.splitlines() if ln.startswith("python3 -m venv") and "finetune.py" in ln)
+    line = next(
+        ln for ln in text.splitlines() if ln.startswith("python3 -m venv") and "finetune.py" in ln
+    )
     found = {}
     for part in line.split("&&"):
         words = shlex.split(part.strip())

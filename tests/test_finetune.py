@@ -15,7 +15,18 @@ from conftest import ROOT, run_script
 from safetensors.torch import load_file
 from tiny import make_tiny_model
 
-WORDS = ["apple", "river", "stone", "cloud", "violet", "candle", "harbor", "meadow", "silver", "tiger"]
+WORDS = [
+    "apple",
+    "river",
+    "stone",
+    "cloud",
+    "violet",
+    "candle",
+    "harbor",
+    "meadow",
+    "silver",
+    "tiger",
+]
 
 
 def write_rows(path: Path, n: int = 48) -> Path:
@@ -25,7 +36,13 @@ def write_rows(path: Path, n: int = 48) -> Path:
         if i % 2:
             rows.append({"instruction": f"Repeat the word {i}.", "input": w, "output": f"{w} {w}"})
         else:
-            rows.append({"instruction": f"Say the number {i} and the word {w}.", "input": "", "output": f"{i} {w}"})
+            rows.append(
+                {
+                    "instruction": f"Say the number {i} and the word {w}.",
+                    "input": "",
+                    "output": f"{i} {w}",
+                }
+            )
     path.write_text(json.dumps(rows, indent=2))
     return path
 
@@ -37,12 +54,43 @@ def rows_json(tmp_path) -> Path:
 
 def finetune(base: Path, data: Path, out: Path, *extra: str, env: dict | None = None):
     args = [
-        "--base_model", base, "--data", data, "--output_dir", out, "--batch_size", "8",
-        "--micro_batch_size", "2", "--num_epochs", "1", "--val_set_size", "8", "--cutoff_len", "96",
-        "--lora_r", "4", "--learning_rate", "1e-2", "--warmup_steps", "0", "--logging_steps", "1",
-        "--eval_steps", "2", "--save_steps", "2", "--lora_dropout", "0", "--dtype", "fp32", *extra,
+        "--base_model",
+        base,
+        "--data",
+        data,
+        "--output_dir",
+        out,
+        "--batch_size",
+        "8",
+        "--micro_batch_size",
+        "2",
+        "--num_epochs",
+        "1",
+        "--val_set_size",
+        "8",
+        "--cutoff_len",
+        "96",
+        "--lora_r",
+        "4",
+        "--learning_rate",
+        "1e-2",
+        "--warmup_steps",
+        "0",
+        "--logging_steps",
+        "1",
+        "--eval_steps",
+        "2",
+        "--save_steps",
+        "2",
+        "--lora_dropout",
+        "0",
+        "--dtype",
+        "fp32",
+        *extra,
     ]
-    return run_script("finetune.py", *args, env={"LORA_ALPACA_CACHE": str(out.parent / "cache"), **(env or {})})
+    return run_script(
+        "finetune.py", *args, env={"LORA_ALPACA_CACHE": str(out.parent / "cache"), **(env or {})}
+    )
 
 
 def adapter(out: Path) -> dict[str, torch.Tensor]:
@@ -53,14 +101,23 @@ def test_end_to_end_outputs_and_plain_peft_reload(tiny_model, rows_json, tmp_pat
     out = tmp_path / "run"
     r = finetune(tiny_model, rows_json, out, "--lora_target_modules", "[q_proj,v_proj]")
     assert r.returncode == 0, r.stderr[-3000:]
-    for name in ("adapter_model.safetensors", "adapter_config.json", "lora_alpaca.json", "run.json", "loss_curve.png", "tokenizer.json"):
+    for name in (
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "lora_alpaca.json",
+        "run.json",
+        "loss_curve.png",
+        "tokenizer.json",
+    ):
         assert (out / name).is_file(), name
     run = json.loads((out / "run.json").read_text())
     assert run["steps"] == 5  # 40 training rows // batch 8
     assert run["config"]["lora_target_modules"] == ["q_proj", "v_proj"]
     assert run["eval_history"][0]["step"] == 0 and run["final_eval_loss"] is not None
     manifest = json.loads((out / "lora_alpaca.json").read_text())
-    assert manifest["template"]["name"] == "alpaca" and "### Instruction:" in manifest["stop_strings"]
+    assert (
+        manifest["template"]["name"] == "alpaca" and "### Instruction:" in manifest["stop_strings"]
+    )
     assert "adapter verified" in r.stderr
     # Plain PEFT, no project code: the adapter changes the model's output.
     from peft import PeftModel
@@ -97,7 +154,9 @@ def test_interrupt_then_resume_equals_uninterrupted(tiny_model, rows_json, tmp_p
     full = tmp_path / "full"
     assert finetune(tiny_model, rows_json, full, "--num_epochs", "2").returncode == 0
     part = tmp_path / "part"
-    r = finetune(tiny_model, rows_json, part, "--num_epochs", "2", env={"LORA_ALPACA_FAULT_SIGNAL_STEP": "3"})
+    r = finetune(
+        tiny_model, rows_json, part, "--num_epochs", "2", env={"LORA_ALPACA_FAULT_SIGNAL_STEP": "3"}
+    )
     assert r.returncode == 143, r.stderr[-2000:]
     assert "resume with:" in r.stderr and "--resume_from_checkpoint auto" in r.stderr
     assert not (part / "lora_alpaca.json").exists()  # not mistaken for a finished run
@@ -106,7 +165,9 @@ def test_interrupt_then_resume_equals_uninterrupted(tiny_model, rows_json, tmp_p
     # Re-running without --resume refuses to touch the folder.
     again = finetune(tiny_model, rows_json, part, "--num_epochs", "2")
     assert again.returncode == 2 and "resume_from_checkpoint auto" in again.stderr
-    r = finetune(tiny_model, rows_json, part, "--num_epochs", "2", "--resume_from_checkpoint", "auto")
+    r = finetune(
+        tiny_model, rows_json, part, "--num_epochs", "2", "--resume_from_checkpoint", "auto"
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = adapter(full), adapter(part)
     assert a.keys() == b.keys()
@@ -119,7 +180,9 @@ def test_resume_with_changed_settings_is_refused(tiny_model, rows_json, tmp_path
     out = tmp_path / "run"
     r = finetune(tiny_model, rows_json, out, env={"LORA_ALPACA_FAULT_SIGNAL_STEP": "2"})
     assert r.returncode == 143
-    r = finetune(tiny_model, rows_json, out, "--resume_from_checkpoint", "auto", "--learning_rate", "5e-3")
+    r = finetune(
+        tiny_model, rows_json, out, "--resume_from_checkpoint", "auto", "--learning_rate", "5e-3"
+    )
     assert r.returncode == 2
     assert "learning_rate: 0.01 -> 0.005" in r.stderr and "--force_resume" in r.stderr
 
@@ -137,12 +200,48 @@ def test_ddp_two_processes_match_single_process(tiny_model, rows_json, tmp_path)
     assert finetune(tiny_model, rows_json, single, "--max_steps", "3").returncode == 0
     ddp = tmp_path / "ddp"
     args = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-        str(ROOT / "finetune.py"), "--base_model", str(tiny_model), "--data", str(rows_json),
-        "--output_dir", str(ddp), "--batch_size", "8", "--micro_batch_size", "2", "--num_epochs", "1",
-        "--val_set_size", "8", "--cutoff_len", "96", "--lora_r", "4", "--learning_rate", "1e-2",
-        "--warmup_steps", "0", "--logging_steps", "1", "--eval_steps", "2", "--save_steps", "2",
-        "--lora_dropout", "0", "--dtype", "fp32", "--max_steps", "3",
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29517",
+        str(ROOT / "finetune.py"),
+        "--base_model",
+        str(tiny_model),
+        "--data",
+        str(rows_json),
+        "--output_dir",
+        str(ddp),
+        "--batch_size",
+        "8",
+        "--micro_batch_size",
+        "2",
+        "--num_epochs",
+        "1",
+        "--val_set_size",
+        "8",
+        "--cutoff_len",
+        "96",
+        "--lora_r",
+        "4",
+        "--learning_rate",
+        "1e-2",
+        "--warmup_steps",
+        "0",
+        "--logging_steps",
+        "1",
+        "--eval_steps",
+        "2",
+        "--save_steps",
+        "2",
+        "--lora_dropout",
+        "0",
+        "--dtype",
+        "fp32",
+        "--max_steps",
+        "3",
     ]
     env = {**os.environ, "LORA_ALPACA_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
     r = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
@@ -157,7 +256,10 @@ def test_ddp_two_processes_match_single_process(tiny_model, rows_json, tmp_path)
     "flags, message",
     [
         (["--lora_r", "0"], "--lora_r must be > 0"),
-        (["--batch_size", "10", "--micro_batch_size", "4"], "--batch_size 10 must be a multiple of --micro_batch_size 4"),
+        (
+            ["--batch_size", "10", "--micro_batch_size", "4"],
+            "--batch_size 10 must be a multiple of --micro_batch_size 4",
+        ),
         (["--lora_target_modules", "q_proj,nonexistent_proj"], "no module named nonexistent_proj"),
         (["--cutoff_len", "8"], "--cutoff_len 8 is shorter than the prompt template"),
         (["--prompt_template_name", "../../etc/passwd"], "unknown template"),
@@ -179,9 +281,21 @@ def test_bad_flags_one_line_exit_2(tiny_model, rows_json, tmp_path, flags, messa
 
 def test_yaml_config_and_cli_override(tiny_model, rows_json, tmp_path):
     cfg = tmp_path / "run.yaml"
-    cfg.write_text("lora_alpha: 3\nseed: 7\nlearning_rate: 0.5\nlora_target_modules: [q_proj, k_proj]\n")
+    cfg.write_text(
+        "lora_alpha: 3\nseed: 7\nlearning_rate: 0.5\nlora_target_modules: [q_proj, k_proj]\n"
+    )
     out = tmp_path / "run"
-    r = finetune(tiny_model, rows_json, out, "--config", str(cfg), "--learning_rate", "0.001", "--max_steps", "1")
+    r = finetune(
+        tiny_model,
+        rows_json,
+        out,
+        "--config",
+        str(cfg),
+        "--learning_rate",
+        "0.001",
+        "--max_steps",
+        "1",
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     conf = json.loads((out / "run.json").read_text())["config"]
     assert conf["lora_alpha"] == 3 and conf["seed"] == 7 and conf["learning_rate"] == 0.001

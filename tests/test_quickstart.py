@@ -36,8 +36,19 @@ def test_quickstart_changes_answers(quickstart_run, tmp_path):
     scores = {}
     for name, extra in (("base", []), ("tuned", ["--lora_weights", str(quickstart_run)])):
         out = tmp_path / f"{name}.jsonl"
-        r = run_script("generate.py", *extra, "--input_file", eval_file, "--output_file", out,
-                       "--max_new_tokens", "48", "--batch_size", "8", cwd=ROOT)
+        r = run_script(
+            "generate.py",
+            *extra,
+            "--input_file",
+            eval_file,
+            "--output_file",
+            out,
+            "--max_new_tokens",
+            "48",
+            "--batch_size",
+            "8",
+            cwd=ROOT,
+        )
         assert r.returncode == 0, r.stderr[-2000:]
         scores[name] = exact_matches(out, eval_rows)
     print("quickstart exact matches on 40 held-out rows:", scores)
