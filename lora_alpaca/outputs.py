@@ -56,6 +56,8 @@ def write_final_outputs(
     its presence means the output folder is complete."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    for stale in output_dir.glob(".tmp-final-*"):  # left by a run killed while writing these
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-final-", dir=output_dir))
     try:
         peft_model.save_pretrained(tmp, safe_serialization=True)
