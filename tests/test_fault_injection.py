@@ -5,8 +5,9 @@ ends, and must never leave a checkpoint that looks complete but is not.
 One run is taken through, in order: SIGKILL at a random moment, SIGKILL while a checkpoint
 is being written (every file on disk, marker not yet), SIGKILL at a random moment again,
 SIGINT and SIGTERM at random moments (clean save: exit 130 / 143, checkpoint of the last
-step), a NaN injected into the loss (exit 3, diagnosis, last good checkpoint intact), and a
-final resume to the end. After every stage:
+step), a NaN injected into the loss (exit 3, diagnosis, last good checkpoint intact), a
+SIGKILL while the final adapter folder is being written, and a last resume to the end.
+After every stage:
   (a) every folder that looks like a complete checkpoint loads, and its adapter equals the
       uninterrupted run's checkpoint of the same step;
 and at the end:
@@ -221,7 +222,14 @@ def test_kills_signals_and_nan_then_resume_equal_the_uninterrupted_run(
     steps = check_checkpoints(out, reference["out"], f"after nan {tag}")
     assert steps[-1] == good + 1 == progress(), (steps, good, tag)
 
-    # 7. Resume to the end.
+    # 7. Resume to the end, and SIGKILL it while it writes the final adapter folder.
+    s = start("kill-final-write")
+    s.wait_until(lambda: any(out.glob(".tmp-final-*")))
+    s.proc.send_signal(signal.SIGKILL)
+    assert s.finish() == -signal.SIGKILL, tag
+    assert progress() == STEPS and not (out / "lora_alpaca.json").exists()  # not "finished"
+
+    # 8. Resume once more: nothing left to train, the final folder is written whole.
     s = start("final")
     assert s.finish() == 0, s.stderr()[-3000:]
     assert progress() == STEPS
@@ -234,6 +242,7 @@ def test_kills_signals_and_nan_then_resume_equal_the_uninterrupted_run(
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6)
     assert json.loads((out / "run.json").read_text())["steps"] == STEPS
     assert not list(ckpt.checkpoints_dir(out).glob(".tmp-*"))  # torn folders cleaned up
+    assert not list(out.glob(".tmp-*")) and (out / "lora_alpaca.json").is_file()
     assert len(ckpt.complete_checkpoints(out)) == 2  # --save_total_limit held throughout
 
     # (c) every row once per epoch, exactly the planned windows, across all restarts.
