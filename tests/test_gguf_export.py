@@ -66,8 +66,23 @@ def test_round_trip_through_transformers_reader(merged_llama, tmp_path, qtype, a
     with torch.no_grad():
         want = model(input_ids=torch.tensor([ids])).logits
         got = back(input_ids=torch.tensor([ids])).logits
-    assert (got - want).abs().max() < atol
-    assert greedy(back, ids, 12, tok.eos_token_id) == greedy(model, ids, 12, tok.eos_token_id)
+    drift = float((got - want).abs().max())
+    assert drift < atol
+    ref = greedy(model, ids, 12, tok.eos_token_id)
+    if qtype == "f16":
+        assert greedy(back, ids, 12, tok.eos_token_id) == ref
+        return
+    # q8_0 moves logits by up to `drift`; a random tiny model has near-ties that such noise
+    # may flip (seen in CI). Teacher-force the reference continuation and require the same
+    # top-1 wherever the reference's top-2 margin exceeds twice the drift.
+    seq = torch.tensor([ids + ref])
+    with torch.no_grad():
+        lw = model(input_ids=seq).logits[0, len(ids) - 1 : -1]
+        lg = back(input_ids=seq).logits[0, len(ids) - 1 : -1]
+    top2 = lw.topk(2, dim=-1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 2 * drift
+    assert clear.sum() >= len(ref) // 2, (clear, drift)
+    assert torch.equal(lg.argmax(-1)[clear], lw.argmax(-1)[clear])
 
 
 def test_qk_permutation_is_undone_exactly(merged_llama, tmp_path):
