@@ -66,7 +66,7 @@ class BenchConfig:
         choices=["auto", "bf16", "fp16", "fp32"],
     )
     packing: bool = field(True, "Project side: padding-free packed micro-batches.")
-    loss_chunk_size: int = field(1024, "Project side: chunked loss chunk (0 = full logits).")
+    loss_chunk_size: int = field(256, "Project side: chunked loss chunk (0 = full logits).")
     threads: int = field(0, "torch.set_num_threads for both recipes (0 = torch's default).")
     recipes: list[str] = field(["plain", "project"], "Which recipes to run, in this order.")
     seed: int = field(42, "Seed for row sampling, LoRA init, data order and dropout.")

@@ -314,3 +314,29 @@ def test_output_dir_not_overwritten(tiny_model, rows_json, tmp_path):
     assert r.returncode == 2 and "exists and is not empty" in r.stderr
     assert (out / "precious.txt").read_text() == "mine"
     shutil.rmtree(out)
+
+
+def test_init_from_adapter_is_a_warm_start(tiny_model, rows_json, tmp_path):
+    first = tmp_path / "first"
+    assert finetune(tiny_model, rows_json, first, "--max_steps", "3").returncode == 0
+    second = tmp_path / "second"
+    r = finetune(
+        tiny_model, rows_json, second, "--max_steps", "1", "--init_from_adapter", str(first)
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    a = json.loads((first / "run.json").read_text())
+    b = json.loads((second / "run.json").read_text())
+    # Same validation rows: the warm start begins exactly where the first run ended...
+    assert abs(b["eval_history"][0]["eval_loss"] - a["eval_history"][-1]["eval_loss"]) < 1e-5
+    # ...but as a new run: its own step count, schedule and optimizer.
+    assert b["steps"] == 1 and not (second / "checkpoints" / "checkpoint-00000003").exists()
+
+
+def test_tensorboard_logging(tiny_model, rows_json, tmp_path):
+    pytest.importorskip(
+        "tensorboard", reason="optional extra: pip install 'lora-alpaca[tensorboard]'"
+    )
+    out = tmp_path / "run"
+    r = finetune(tiny_model, rows_json, out, "--max_steps", "2", "--report_to", "tensorboard")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
