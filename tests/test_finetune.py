@@ -52,42 +52,16 @@ def rows_json(tmp_path) -> Path:
     return write_rows(tmp_path / "rows.json")
 
 
+# Small, fast, deterministic settings shared by every run here (and the DDP comparison).
+TINY_FLAGS = (
+    "--batch_size 8 --micro_batch_size 2 --num_epochs 1 --val_set_size 8 --cutoff_len 96 "
+    "--lora_r 4 --learning_rate 1e-2 --warmup_steps 0 --logging_steps 1 --eval_steps 2 "
+    "--save_steps 2 --lora_dropout 0 --dtype fp32"
+).split()
+
+
 def finetune(base: Path, data: Path, out: Path, *extra: str, env: dict | None = None):
-    args = [
-        "--base_model",
-        base,
-        "--data",
-        data,
-        "--output_dir",
-        out,
-        "--batch_size",
-        "8",
-        "--micro_batch_size",
-        "2",
-        "--num_epochs",
-        "1",
-        "--val_set_size",
-        "8",
-        "--cutoff_len",
-        "96",
-        "--lora_r",
-        "4",
-        "--learning_rate",
-        "1e-2",
-        "--warmup_steps",
-        "0",
-        "--logging_steps",
-        "1",
-        "--eval_steps",
-        "2",
-        "--save_steps",
-        "2",
-        "--lora_dropout",
-        "0",
-        "--dtype",
-        "fp32",
-        *extra,
-    ]
+    args = ["--base_model", base, "--data", data, "--output_dir", out, *TINY_FLAGS, *extra]
     return run_script(
         "finetune.py", *args, env={"LORA_ALPACA_CACHE": str(out.parent / "cache"), **(env or {})}
     )
@@ -214,32 +188,7 @@ def test_ddp_two_processes_match_single_process(tiny_model, rows_json, tmp_path)
         str(rows_json),
         "--output_dir",
         str(ddp),
-        "--batch_size",
-        "8",
-        "--micro_batch_size",
-        "2",
-        "--num_epochs",
-        "1",
-        "--val_set_size",
-        "8",
-        "--cutoff_len",
-        "96",
-        "--lora_r",
-        "4",
-        "--learning_rate",
-        "1e-2",
-        "--warmup_steps",
-        "0",
-        "--logging_steps",
-        "1",
-        "--eval_steps",
-        "2",
-        "--save_steps",
-        "2",
-        "--lora_dropout",
-        "0",
-        "--dtype",
-        "fp32",
+        *TINY_FLAGS,
         "--max_steps",
         "3",
     ]
