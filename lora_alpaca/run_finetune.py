@@ -17,7 +17,7 @@ import torch
 
 from lora_alpaca import checkpoint as ckpt
 from lora_alpaca.errors import UsageError
-from lora_alpaca.train_config import FinetuneConfig, validate
+from lora_alpaca.train_config import LORA_KEYS, FinetuneConfig, validate
 
 
 def _log(msg: str, bar=None) -> None:
@@ -109,7 +109,9 @@ def val_sample(cfg: FinetuneConfig, prepared, k: int = 16) -> list[dict]:
 
 
 def run_training(cfg: FinetuneConfig) -> int:
-    validate(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # cheap checks before heavy imports
+    started = time.time()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    validate(cfg, world)  # cheap flag checks before the heavy imports below
     from lora_alpaca.audit import format_audit
     from lora_alpaca.data import DataOptions, prepare_data
     from lora_alpaca.lora_setup import add_lora, verify_saved_adapter
@@ -132,9 +134,6 @@ def run_training(cfg: FinetuneConfig) -> int:
     )
 
     # ---- setup: everything that can be wrong with the input fails here, before any write
-    started = time.time()
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    validate(cfg, world)
     output_dir = Path(cfg.output_dir).expanduser().resolve()
     resume_path = resolve_resume(cfg, output_dir)
     if not cfg.resume_from_checkpoint and not cfg.audit_only and not cfg.overwrite_output_dir:
@@ -251,17 +250,7 @@ def run_training(cfg: FinetuneConfig) -> int:
     if accelerator.is_main_process:
         final_train = pos.history[-1]["loss"] if pos.history else None
         final_eval = pos.eval_history[-1]["eval_loss"] if pos.eval_history else None
-        lora = {
-            k: getattr(cfg, k)
-            for k in (
-                "lora_r",
-                "lora_alpha",
-                "lora_dropout",
-                "lora_target_modules",
-                "use_rslora",
-                "use_dora",
-            )
-        }
+        lora = {k: getattr(cfg, k) for k in LORA_KEYS}
         manifest = build_manifest(
             base_model_name=ref.name,
             base_model_path=ref.path,

@@ -163,6 +163,16 @@ class FinetuneConfig:
         return asdict(self)
 
 
+# The LoRA settings, recorded in the manifest beside the adapter.
+LORA_KEYS = (
+    "lora_r",
+    "lora_alpha",
+    "lora_dropout",
+    "lora_target_modules",
+    "use_rslora",
+    "use_dora",
+)
+
 # Settings whose change makes a resumed run a different run (refused without --force_resume).
 RESUME_KEYS = (
     "base_model",
@@ -179,12 +189,7 @@ RESUME_KEYS = (
     "empty_outputs",
     "duplicates",
     "val_set_size",
-    "lora_r",
-    "lora_alpha",
-    "lora_dropout",
-    "lora_target_modules",
-    "use_rslora",
-    "use_dora",
+    *LORA_KEYS,
     "batch_size",
     "micro_batch_size",
     "num_epochs",

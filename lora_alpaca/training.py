@@ -11,7 +11,6 @@ accelerate does what it is good at: process groups and DDP/FSDP wrapping under
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -150,14 +149,6 @@ def evaluate(module: nn.Module, rows: list[dict], cfg, accelerator, autocast, ba
     module.train()
     total, count = _all_sum(accelerator, [total, count])
     return total / max(count, 1)
-
-
-def data_fingerprint_of(prepared) -> str:
-    return (
-        prepared.fingerprint
-        if getattr(prepared, "fingerprint", None)
-        else hashlib.sha256(b"none").hexdigest()[:16]
-    )
 
 
 def train_loop(
