@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from lora_alpaca.errors import UsageError
+from lora_alpaca.filecheck import loads_json
 from lora_alpaca.generation import DecodingSettings, TextGenerator
 from lora_alpaca.manifest import write_text_atomic  # noqa: F401 - re-exported for generate_app
 
@@ -45,7 +46,7 @@ def read_prompt_rows(path: str) -> list[dict]:
         raise UsageError(f"--input_file {path}: not UTF-8 text") from None
     if text.lstrip().startswith("["):
         try:
-            data = json.loads(text)
+            data = loads_json(text, f"--input_file {path}")
         except json.JSONDecodeError as e:
             raise UsageError(
                 f"--input_file {path}: invalid JSON at line {e.lineno}: {e.msg}"
@@ -57,22 +58,13 @@ def read_prompt_rows(path: str) -> list[dict]:
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line)
+                obj = loads_json(line, f"--input_file {path} line {n}")
             except json.JSONDecodeError as e:
                 raise UsageError(f"--input_file {path} line {n}: invalid JSON ({e.msg})") from None
             rows.append(_row_fields(obj, f"{path} line {n}"))
     if not rows:
         raise UsageError(f"--input_file {path}: no rows")
     return rows
-
-
-def check_output_path(path: str) -> Path:
-    p = Path(path)
-    if p.is_dir():
-        raise UsageError(f"--output_file {path}: is a folder; give a file name like out.jsonl")
-    if not p.parent.resolve().is_dir():
-        raise UsageError(f"--output_file {path}: folder {str(p.parent)!r} does not exist")
-    return p
 
 
 def generate_rows(

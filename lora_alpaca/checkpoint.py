@@ -12,6 +12,7 @@ folder that looks complete) and store RNG state with pickle.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pickle
@@ -65,6 +66,62 @@ def save_checkpoint(
     for stale in root.glob(".tmp-checkpoint-*"):
         shutil.rmtree(stale, ignore_errors=True)
     tmp = root / f".tmp-checkpoint-{step:08d}"
+    try:
+        _write_checkpoint_files(
+            tmp,
+            adapter_state,
+            adapter_config,
+            optimizer_state,
+            scheduler_state,
+            rng_state,
+            trainer_state,
+        )
+    except Exception as e:  # noqa: BLE001 - torch/safetensors report a full disk in many types
+        shutil.rmtree(tmp, ignore_errors=True)  # the last good checkpoint stays untouched
+        free = shutil.disk_usage(root).free
+        if _is_disk_full(e, free):
+            raise DiskFull(
+                f"disk full while writing checkpoint {step} to {root} "
+                f"({free / 2**20:.1f} MB free on that disk)"
+            ) from e
+        raise
+    final = root / f"checkpoint-{step:08d}"
+    if final.exists():  # a rerun of the same step after a resume: replace it atomically
+        old = root / f".tmp-old-{step:08d}"
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(final)
+    _fsync_dir(root)
+    prune(root, keep)
+    return final
+
+
+class DiskFull(Exception):
+    """No room for a checkpoint: the run stops, keeping its last good checkpoint."""
+
+
+def _is_disk_full(e: BaseException, free: int) -> bool:
+    # torch.save says "file write failed" (inline_container.cc), safetensors an I/O error.
+    text = str(e).lower()
+    return (
+        (isinstance(e, OSError) and e.errno == errno.ENOSPC)
+        or "no space left" in text
+        or "write failed" in text
+        or free < 1024 * 1024
+    )
+
+
+def _write_checkpoint_files(
+    tmp: Path,
+    adapter_state,
+    adapter_config,
+    optimizer_state,
+    scheduler_state,
+    rng_state,
+    trainer_state,
+) -> None:
     tmp.mkdir()
     # The adapter in PEFT's own layout, so a checkpoint can also be used directly.
     save_file(
@@ -83,17 +140,6 @@ def save_checkpoint(
     (tmp / COMPLETE).write_text("ok\n")
     with open(tmp / COMPLETE, "rb") as fh:
         os.fsync(fh.fileno())
-    final = root / f"checkpoint-{step:08d}"
-    if final.exists():  # a rerun of the same step after a resume: replace it atomically
-        old = root / f".tmp-old-{step:08d}"
-        final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(final)
-    _fsync_dir(root)
-    prune(root, keep)
-    return final
 
 
 def complete_checkpoints(output_dir: Path) -> list[Path]:

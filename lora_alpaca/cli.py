@@ -11,6 +11,8 @@ Every script defines one `@dataclass` whose fields carry `help` (and optionally 
 from __future__ import annotations
 
 import dataclasses
+import errno
+import math
 import os
 import sys
 import types
@@ -56,6 +58,10 @@ class ListParam(click.ParamType):
 
     def convert(self, value, param, ctx):
         if isinstance(value, (list, tuple)):
+            # Never stringify a nested list or mapping into a name (a YAML alias bomb
+            # would expand into gigabytes of text here).
+            if any(isinstance(v, (list, tuple, dict)) for v in value):
+                self.fail("items must be plain names, not lists or mappings", param, ctx)
             items = [str(v) for v in value]
         else:
             text = str(value).strip().strip("[]")
@@ -64,6 +70,67 @@ class ListParam(click.ParamType):
         if not items:
             self.fail("needs at least one item", param, ctx)
         return items
+
+
+class StrictInt(click.ParamType):
+    """Whole numbers only: YAML `0.5` or `0.1` is refused (saying what was given), never
+    truncated to 0 as int() would."""
+
+    name = "integer"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, bool):
+            self.fail(f"{value!r} is not a whole number", param, ctx)
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float):
+            if value.is_integer():
+                return int(value)
+            self.fail(f"{value!r} is not a whole number", param, ctx)
+        try:
+            return int(str(value).strip())
+        except ValueError:
+            try:
+                f = float(str(value).strip())
+            except ValueError:
+                f = None
+            if f is not None and f.is_integer():
+                return int(f)
+            self.fail(f"{shown(value)} is not a whole number", param, ctx)
+
+
+class FiniteFloat(click.ParamType):
+    """A float that is a number: nan and inf pass every `x <= 0` check, so refuse them."""
+
+    name = "float"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, bool):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        try:
+            f = float(value if isinstance(value, (int, float)) else str(value).strip())
+        except (TypeError, ValueError):
+            self.fail(f"{shown(value)} is not a number", param, ctx)
+        if not math.isfinite(f):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return f
+
+
+class PlainString(click.ParamType):
+    """A string flag given a YAML list or mapping is refused, not stringified."""
+
+    name = "text"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, (list, tuple, dict)):
+            self.fail(f"expected a single value, got a {type(value).__name__}", param, ctx)
+        return str(value)
+
+
+def shown(value: object, limit: int = 60) -> str:
+    """repr of a user value for a message, never longer than `limit`."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "...'"
 
 
 def _unwrap(tp: Any) -> tuple[Any, bool]:
@@ -81,18 +148,52 @@ def _param_type(f: dataclasses.Field, tp: Any) -> click.ParamType:
     if tp is bool:
         return BoolParam()
     if tp is int:
-        return click.INT
+        return StrictInt()
     if tp is float:
-        return click.FLOAT
+        return FiniteFloat()
     if typing.get_origin(tp) is list:
         return ListParam()
-    return click.STRING
+    return PlainString()
 
 
 def _default(f: dataclasses.Field) -> Any:
     if f.default is not dataclasses.MISSING:
         return f.default
     return f.default_factory()
+
+
+YAML_EXPANSION_BUDGET = 10_000  # nodes after expanding aliases: far beyond any real config
+
+
+def check_yaml_aliases(text: str, path: str) -> None:
+    """Refuse a YAML file whose aliases expand past a small budget (a "billion laughs"
+    bomb), counted on the node graph before any Python object is built."""
+    import yaml
+
+    if "*" not in text:
+        return
+    root = yaml.compose(text, Loader=yaml.SafeLoader)
+    sizes: dict[int, int] = {}
+
+    def size(node) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        sizes[key] = 1  # a cycle counts once; the constructor rejects none, the budget does
+        if isinstance(node, yaml.SequenceNode):
+            total = 1 + sum(size(n) for n in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            total = 1 + sum(size(k) + size(v) for k, v in node.value)
+        else:
+            total = 1
+        sizes[key] = min(total, 10 * YAML_EXPANSION_BUDGET)
+        return sizes[key]
+
+    if root is not None and size(root) > YAML_EXPANSION_BUDGET:
+        raise UsageError(
+            f"--config {path}: YAML aliases expand to more than {YAML_EXPANSION_BUDGET:,} values; "
+            "refused (write the values out instead of nesting anchors)"
+        )
 
 
 def load_yaml_config(path: str) -> dict:
@@ -102,9 +203,15 @@ def load_yaml_config(path: str) -> dict:
     if not p.is_file():
         raise UsageError(f"--config: no such file {path!r}")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        text = p.read_text(encoding="utf-8")
+        check_yaml_aliases(text, path)
+        data = yaml.safe_load(text) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise UsageError(f"--config {path}: not valid YAML ({e})") from None
+        raise UsageError(
+            f"--config {path}: not valid YAML ({' '.join(str(e).split())[:200]})"
+        ) from None
+    except RecursionError:
+        raise UsageError(f"--config {path}: YAML nested too deeply to read") from None
     if not isinstance(data, dict):
         raise UsageError(
             f"--config {path}: expected a mapping of flag: value, got {type(data).__name__}"
@@ -136,8 +243,16 @@ def resolve_config(cls: type, cli_values: dict, explicit: set[str], config_file:
                 values[name] = _param_type(fields[name], tp).convert(raw, None, None)
             except click.BadParameter as e:
                 raise UsageError(f"--config {config_file}: {name}: {e.message}") from None
+            if isinstance(raw, (list, dict)) and not isinstance(values[name], list):
+                raise UsageError(f"--config {config_file}: {name}: expected a single value")
     for name in explicit:
         values[name] = cli_values[name]
+    from lora_alpaca.outpaths import check_name_lengths
+
+    check_name_lengths(values)
+    for name in ("seed",):
+        if name in values and isinstance(values[name], int) and not 0 <= values[name] < 2**32:
+            raise UsageError(f"--{name} {values[name]}: must be in 0 .. 4294967295 (2**32 - 1)")
     return cls(**values)
 
 
@@ -208,6 +323,12 @@ def run(command: click.Command, argv: list[str] | None = None) -> None:
         if debug:
             raise
         click.echo(f"error: {e}", err=True)
+        sys.exit(EXIT_USAGE)
+    except OSError as e:
+        # Belt and braces for a path flag the up-front checks did not name.
+        if debug or e.errno != errno.ENAMETOOLONG:
+            raise
+        click.echo(f"error: {e.filename}: a file name in this path is too long", err=True)
         sys.exit(EXIT_USAGE)
     except click.exceptions.Abort:
         sys.exit(130)

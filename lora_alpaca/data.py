@@ -45,7 +45,7 @@ class DataOptions:
     overlength: str = "truncate"  # truncate | drop | error
     empty_outputs: str = "error"  # error | skip
     duplicates: str = "skip"  # skip | error
-    val_set_size: int = 2000  # rows; 0 = no validation split
+    val_set_size: float = 2000  # rows (or a fraction in (0, 1) of them); 0 = no validation split
     seed: int = 42
     allow_unsupervised: bool = False  # drop rows with zero learned tokens instead of refusing
 
@@ -56,6 +56,9 @@ class PreparedData:
     val: Any  # datasets.Dataset | None
     audit: Audit
     fingerprint: str
+    # Writes the tokenized cache when prepare_data was asked to defer it (no-op otherwise):
+    # the caller runs it once every other check has passed, so an exit-2 writes nothing.
+    save_cache: Any = lambda: None
 
 
 def split_indices(groups: list[int], val_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -74,10 +77,13 @@ def split_indices(groups: list[int], val_size: int, seed: int) -> tuple[np.ndarr
     return np.flatnonzero(~is_val), np.flatnonzero(is_val)
 
 
-def effective_val_size(requested: int, n_rows: int) -> tuple[int, str | None]:
-    """`val_set_size` shrunk to at most 20% of the rows (alpaca-lora's 2000 assumes big data)."""
+def effective_val_size(requested: float, n_rows: int) -> tuple[int, str | None]:
+    """`val_set_size` shrunk to at most 20% of the rows (alpaca-lora's 2000 assumes big data);
+    a fraction in (0, 1) is that share of the rows (at least one)."""
     if requested <= 0:
         return 0, None
+    if requested < 1:
+        return max(1, round(requested * n_rows)), None
     cap = int(n_rows * MAX_VAL_SHARE)
     if requested <= cap:
         return requested, None
@@ -243,6 +249,7 @@ def prepare_data(
     template: PromptTemplate,
     cache_dir: Path | None = None,
     for_training: bool = True,
+    defer_cache: bool = False,
 ) -> PreparedData:
     """Load, validate, tokenize, split and audit `opts.data` (cached by fingerprint).
 
@@ -266,18 +273,27 @@ def prepare_data(
     fingerprint = fingerprint_of(data_fp, encoder, template, opts)
     entry = Path(cache_dir if cache_dir is not None else default_cache_dir()) / fingerprint
     cached = _load_cache(entry)
+    pending = lambda: None  # noqa: E731 - nothing to save when the cache was hit
     if cached is None:
         if sources is None:
             sources, _ = read_sources(opts.data)
         tables, audit = _build(opts, encoder, template, opts.data, sources)
-        try:
-            _save_cache(entry, tables, audit)
-        except OSError as e:  # a read-only or full cache folder must not stop training
-            print(
-                f"[lora_alpaca] warning: could not cache the tokenized data ({e})", file=sys.stderr
-            )
-        cached = _load_cache(entry)
-        if cached is None:  # cache folder not writable or vanished: serve from memory
+
+        def save() -> None:
+            try:
+                _save_cache(entry, tables, audit)
+            except OSError as e:  # a read-only or full cache folder must not stop training
+                print(
+                    f"[lora_alpaca] warning: could not cache the tokenized data ({e})",
+                    file=sys.stderr,
+                )
+
+        if defer_cache:
+            pending = save
+        else:
+            save()
+        cached = None if defer_cache else _load_cache(entry)
+        if cached is None:  # deferred, or cache folder not writable: serve from memory
             train = _dataset(tables["train"])
             val = _dataset(tables["val"]) if tables["val"] is not None else None
             cached = (train, val, audit)
@@ -291,7 +307,9 @@ def prepare_data(
             f"({', '.join(audit.zero_supervised_positions)}); they teach nothing. Fix them, keep "
             "--add_eos_token true, or pass --allow_unsupervised to drop them"
         )
-    return PreparedData(train=train, val=val, audit=audit, fingerprint=fingerprint)
+    return PreparedData(
+        train=train, val=val, audit=audit, fingerprint=fingerprint, save_cache=pending
+    )
 
 
 def _check_options(opts: DataOptions) -> None:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_alpaca.errors import UsageError
+from lora_alpaca.filecheck import loads_json, shorten
 
 SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -66,7 +67,7 @@ def _read_jsonl(text: str, name: str) -> SourceFile:
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
+            records.append(loads_json(line, f"{name} line {lineno}"))
             numbers.append(lineno)
         except json.JSONDecodeError as e:
             broken.append(f"line {lineno} column {e.colno}: {e.msg}")
@@ -79,7 +80,7 @@ def _read_jsonl(text: str, name: str) -> SourceFile:
 
 def _read_json(text: str, name: str) -> SourceFile:
     try:
-        data = json.loads(text)
+        data = loads_json(text, name)
     except json.JSONDecodeError as e:
         # A `.json` file holding one object per line (what `datasets` writes) is JSONL.
         if e.msg == "Extra data" and text.lstrip().startswith("{"):
@@ -128,7 +129,7 @@ def _read_parquet(path: Path, name: str) -> SourceFile:
         table = pq.read_table(path)
     except (pa.ArrowException, OSError) as e:
         raise UsageError(
-            f"{name}: not a readable Parquet file ({' '.join(str(e).split())[:200]})"
+            f"{name}: not a readable Parquet file ({shorten(e)})"
         ) from None
     return SourceFile(name, "row", table.to_pylist(), columns=list(table.column_names))
 
@@ -190,12 +191,15 @@ def files_fingerprint(files: list[Path]) -> str:
 
 def load_hub_dataset(spec: str) -> tuple[SourceFile, str]:
     """Rows of the `train` split of a hub dataset (or one cached offline) + its fingerprint."""
+    from lora_alpaca.models import offline_unless_hub_reachable
+
+    offline_unless_hub_reachable()
     try:
         import datasets
 
         loaded = datasets.load_dataset(spec)
     except Exception as e:  # network, auth and not-found errors come in many types
-        reason = " ".join(str(e).split())[:160]
+        reason = shorten(e, 160)
         raise UsageError(
             f"{_flag(spec)}: not a local file or folder, and loading it as a Hugging Face hub "
             f"dataset failed ({type(e).__name__}: {reason}); offline or unknown id: download "

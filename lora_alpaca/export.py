@@ -24,6 +24,7 @@ from lora_alpaca.export_output import (
     publish,
     write_hf_folder,
 )
+from lora_alpaca.filecheck import check_adapter_shapes, shorten
 from lora_alpaca.manifest import check_base_fingerprint, read_manifest, template_from_manifest
 from lora_alpaca.models import BaseModelRef, load_config, resolve_base_model
 from lora_alpaca.prompts import PromptTemplate
@@ -67,6 +68,7 @@ def read_adapter(
             )
         if not (adapter_dir / "adapter_model.bin").is_file():
             raise UsageError(f"--lora_weights {lora_weights}: no adapter_model.safetensors")
+    check_adapter_shapes(adapter_dir, "--lora_weights", manifest)
     spec = base_model or manifest["base_model"]["path"]
     if not base_model and not Path(spec).exists():
         raise UsageError(
@@ -131,7 +133,7 @@ def load_base(
             "tensors (refused: unpickling them could run code); use a safetensors copy"
         ) from None
     except (OSError, ValueError) as e:
-        msg = " ".join(str(e).split())[:200]
+        msg = shorten(e)
         hint = (
             "; its weights may be pickled .bin files (pass --allow_pickle if you trust them)"
             if not allow_pickle

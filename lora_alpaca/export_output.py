@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from lora_alpaca.errors import UsageError
+from lora_alpaca.outpaths import check_writable_dir
 
 if TYPE_CHECKING:  # export.py imports this module; only the type comes back
     from lora_alpaca.export import AdapterInfo
@@ -32,6 +33,7 @@ def prepare_output(output_dir: str, must_be_empty: bool = True) -> Path:
         raise UsageError(
             f"--output_dir {output_dir}: folder exists and is not empty; choose a new folder"
         )
+    check_writable_dir("--output_dir", out)  # read-only, /proc, a parent that is a file
     out.parent.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
 
@@ -63,9 +65,9 @@ def generation_config_for(info: AdapterInfo, tokenizer):
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=eos if len(eos) > 1 else eos[0],
         pad_token_id=tokenizer.pad_token_id,
-        # `stop_strings` needs `tokenizer=` in generate(); listed so HF users get the
-        # template's section headers as stops instead of a model that rambles on.
-        stop_strings=list(info.stop_strings) or None,
+        # No `stop_strings` here: transformers then demands `tokenizer=` in every
+        # generate() call, which breaks plain `model.generate(**tok(...))` and pipelines.
+        # The stop strings live in lora_alpaca.json and the model card instead.
     )
 
 

@@ -47,6 +47,10 @@ class GenerateConfig:
     probe_report: str | None = F(
         None, "With --input_file: also write the probe report (Markdown) to this file."
     )
+    overwrite_output_file: bool = F(
+        False,
+        "Replace an existing --output_file / --probe_report (off: an existing file is refused).",
+    )
     mode: str = F(
         "greedy",
         "Decoding: greedy, sample (temperature/top_p/top_k/seed) or beam (num_beams).",
@@ -114,13 +118,25 @@ def check_flags(cfg: GenerateConfig) -> DecodingSettings:
 
 
 def main(cfg: GenerateConfig) -> int:
-    from lora_alpaca.batch_generate import check_output_path, read_prompt_rows
+    from lora_alpaca.batch_generate import read_prompt_rows
+    from lora_alpaca.outpaths import check_output_file
 
     settings = check_flags(cfg)
     rows = read_prompt_rows(cfg.input_file) if cfg.input_file else None
-    out = check_output_path(cfg.output_file) if cfg.output_file else None
+    inputs = {"--input_file": cfg.input_file}
+    out = None
+    if cfg.output_file:
+        out = check_output_file(
+            "--output_file", cfg.output_file, inputs, overwrite=cfg.overwrite_output_file
+        )
     if cfg.probe_report:
-        check_output_path(cfg.probe_report)
+        check_output_file(
+            "--probe_report",
+            cfg.probe_report,
+            inputs,
+            others={"--output_file": cfg.output_file},
+            overwrite=cfg.overwrite_output_file,
+        )
 
     from lora_alpaca.inference import LoadRequest, load_generator
 
@@ -137,6 +153,13 @@ def main(cfg: GenerateConfig) -> int:
     )
     gen = loaded.generator
     print(f"[generate] {loaded.description}", file=sys.stderr, flush=True)
+    ctx = gen.context_len()
+    if ctx and settings.max_new_tokens > ctx:
+        print(
+            f"[generate] warning: --max_new_tokens {settings.max_new_tokens} is beyond the model's "
+            f"context of {ctx} tokens; each answer is capped to fit it",
+            file=sys.stderr,
+        )
 
     if rows is not None:
         from lora_alpaca.batch_generate import generate_rows, write_jsonl_atomic, write_text_atomic

@@ -10,6 +10,7 @@ with left padding, and streaming through transformers' `TextIteratorStreamer`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -41,6 +42,11 @@ class DecodingSettings:
         """One-line errors naming the flag; returns self so calls can chain."""
         if self.mode not in MODES:
             raise UsageError(f"--mode {self.mode!r}: allowed: {', '.join(MODES)}")
+        # Every value is checked in every mode (a typo is a typo even when greedy ignores it).
+        if not self.temperature >= 0:
+            raise UsageError(f"--temperature {self.temperature}: must be >= 0")
+        if self.num_beams < 1:
+            raise UsageError(f"--num_beams {self.num_beams}: must be >= 1")
         if self.mode == "sample" and not self.temperature > 0:
             raise UsageError(
                 f"--temperature {self.temperature}: must be > 0 (use --mode greedy for temperature 0)"
@@ -219,14 +225,28 @@ class TextGenerator:
         enc = self.tokenizer(list(prompts), return_tensors="pt", padding=True)
         return {k: v.to(self.device) for k, v in enc.items()}
 
+    def context_len(self) -> int | None:
+        return getattr(self.model.config, "max_position_embeddings", None)
+
+    def within_context(self, settings: DecodingSettings, prompt_len: int) -> DecodingSettings:
+        """max_new_tokens capped so prompt + answer fit the model's context: past it a
+        model produces garbage (or runs until killed with a huge --max_new_tokens)."""
+        ctx = self.context_len()
+        if ctx and prompt_len + settings.max_new_tokens > ctx:
+            return dataclasses.replace(settings, max_new_tokens=max(1, ctx - prompt_len))
+        return settings
+
     def generate(
         self, prompts: Sequence[str], settings: DecodingSettings, use_adapter: bool = True
     ) -> list[GenerationResult]:
         """Generate for a batch of full prompts (already templated)."""
         settings.validate()
-        config = build_generation_config(settings, self.model, self.tokenizer, self.stop_strings)
         with self.lock:
             enc = self._encode(prompts)
+            settings = self.within_context(settings, enc["input_ids"].shape[1])
+            config = build_generation_config(
+                settings, self.model, self.tokenizer, self.stop_strings
+            )
             torch.manual_seed(settings.seed)
             with torch.inference_mode(), self._adapter_context(use_adapter):
                 out = self.model.generate(**enc, generation_config=config, tokenizer=self.tokenizer)
@@ -248,6 +268,7 @@ class TextGenerator:
             return
         from transformers import StoppingCriteriaList, TextIteratorStreamer
 
+        settings = self.within_context(settings, self.prompt_tokens(prompt))
         config = build_generation_config(settings, self.model, self.tokenizer, self.stop_strings)
         cancel = _Cancelled()
         streamer = TextIteratorStreamer(

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from lora_alpaca.errors import UsageError
+from lora_alpaca.filecheck import check_adapter_shapes, loads_json
 from lora_alpaca.generation import TextGenerator
 from lora_alpaca.manifest import (
     MANIFEST_NAME,
@@ -84,7 +85,7 @@ def _merged_manifest(base_path: str) -> dict | None:
     if not p.is_file():
         return None
     try:
-        m = json.loads(p.read_text(encoding="utf-8"))
+        m = loads_json(p.read_text(encoding="utf-8"), str(p))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UsageError(
             f"--base_model {base_path}: {MANIFEST_NAME} is not valid JSON ({e})"
@@ -99,6 +100,7 @@ def load_generator(req: LoadRequest) -> Loaded:
     if manifest is not None:
         adapter_dir = Path(req.lora_weights)
         _check_adapter_files(adapter_dir, req.allow_pickle_adapter)
+        check_adapter_shapes(adapter_dir, "--lora_weights", manifest)
         # The manifest's path is where the base was at training time; --base_model overrides.
         spec = req.base_model or manifest["base_model"]["path"]
         if not req.base_model and not Path(spec).exists():

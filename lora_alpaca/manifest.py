@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_alpaca.errors import UsageError
+from lora_alpaca.filecheck import loads_json
 from lora_alpaca.prompts import PromptTemplate, parse_template
 
 MANIFEST_NAME = "lora_alpaca.json"
@@ -22,7 +23,10 @@ MANIFEST_FORMAT = "lora-alpaca-manifest/1"
 
 def write_text_atomic(path: Path, text: str) -> None:
     """Temp file + fsync + rename: a crash never leaves a half-written file."""
+    from lora_alpaca.outpaths import refuse_non_regular_target
+
     path = Path(path)
+    refuse_non_regular_target(path)  # rename would replace a symlink or device node
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent.resolve())
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
@@ -98,7 +102,7 @@ def read_manifest(adapter_dir: str | Path, flag: str = "--lora_weights") -> dict
             f"{flag} {adapter_dir}: no {MANIFEST_NAME} (not a lora-alpaca output folder, or training did not finish)"
         )
     try:
-        m = json.loads(p.read_text(encoding="utf-8"))
+        m = loads_json(p.read_text(encoding="utf-8"), str(p))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UsageError(f"{flag} {adapter_dir}: {MANIFEST_NAME} is not valid JSON ({e})") from None
     if not isinstance(m, dict) or m.get("format") != MANIFEST_FORMAT:

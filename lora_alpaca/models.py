@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import pickle
 import re
 import sys
@@ -20,6 +21,7 @@ from lora_alpaca.default_model import (
     gguf_cache_path,
 )
 from lora_alpaca.errors import UsageError
+from lora_alpaca.filecheck import check_model_folder, shorten
 
 HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # Keys that change with how a model was saved, not with what the model is.
@@ -62,17 +64,47 @@ def resolve_base_model(spec: str | None) -> BaseModelRef:
             raise UsageError(
                 f"--base_model {spec}: folder has no config.json (not a transformers model folder)"
             )
+        check_model_folder(path, "--base_model")
         return BaseModelRef(spec, str(path.resolve()))
     if path.exists():
         raise UsageError(f"--base_model {spec}: not a model folder or .gguf file")
     if spec == DEFAULT_BASE_MODEL:
         return BaseModelRef(DEFAULT_BASE_MODEL, str(default_model_path()))
     if HUB_ID_RE.match(spec) and not spec.startswith((".", "/", "~")):
+        offline_unless_hub_reachable()
         return BaseModelRef(spec, spec)  # a hub id: loading it needs network access
     raise UsageError(
         f"--base_model: no such folder {spec!r}; give a local model folder, a .gguf file, "
         "a Hugging Face hub id (org/name), or leave it out for the embedded default"
     )
+
+
+def offline_unless_hub_reachable(timeout_s: float = 3.0) -> bool:
+    """Before a hub id is loaded: if the hub cannot be reached within `timeout_s`, switch
+    huggingface_hub/datasets to offline mode, so a cached model still loads and anything
+    else fails at once in one line (instead of 30-50 s of retry messages). True if online."""
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        return False
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout_s).close()
+        return True
+    except OSError:
+        pass
+    os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"
+    import huggingface_hub.constants as hub_constants
+
+    hub_constants.HF_HUB_OFFLINE = True  # read once at import; the modules below check it
+    try:
+        import datasets.config
+
+        datasets.config.HF_HUB_OFFLINE = True
+    except ImportError:
+        pass
+    return False
 
 
 def config_fingerprint(config) -> str:
@@ -96,7 +128,7 @@ def _hub_error(ref: BaseModelRef, what: str, e: Exception) -> UsageError:
             f"(offline or unknown id: {type(e).__name__}); download it and pass the local folder"
         )
     return UsageError(
-        f"--base_model {ref.name}: could not load {what} ({' '.join(str(e).split())[:200]})"
+        f"--base_model {ref.name}: could not load {what} ({shorten(e)})"
     )
 
 

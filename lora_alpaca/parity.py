@@ -17,13 +17,13 @@ sampler that might share a bug with it.
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from lora_alpaca.filecheck import loads_json
 from lora_alpaca.prompts import PromptTemplate
 
 REPORT_NAME = "parity.json"
@@ -101,8 +101,8 @@ def _valid_rows(rows) -> list[tuple[str, str]]:
 def _rows_from_file(path: Path) -> list[tuple[str, str]]:
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".jsonl":
-        return _valid_rows([json.loads(line) for line in text.splitlines() if line.strip()])
-    return _valid_rows(json.loads(text))
+        return _valid_rows([loads_json(line, "--parity_prompts_file") for line in text.splitlines() if line.strip()])
+    return _valid_rows(loads_json(text, "--parity_prompts_file"))
 
 
 def parity_prompts(

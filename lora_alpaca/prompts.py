@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lora_alpaca.errors import UsageError
+from lora_alpaca.filecheck import loads_json
 
 TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
 REQUIRED_KEYS = ("description", "prompt_input", "prompt_no_input", "response_split")
@@ -151,6 +152,10 @@ def parse_template(data: object, name: str, source: str) -> PromptTemplate:
 
 def template_path(name_or_path: str) -> Path:
     """A bundled name (`alpaca`) or a path to the user's own `.json` template."""
+    if Path(name_or_path).expanduser().is_dir():
+        raise UsageError(
+            f"--prompt_template_name {name_or_path}: is a folder; give a template name or a .json file"
+        )
     if name_or_path.endswith(".json"):
         path = Path(name_or_path).expanduser()
         if not path.is_file():
@@ -172,7 +177,7 @@ def template_path(name_or_path: str) -> Path:
 def load_template(name_or_path: str = "alpaca") -> PromptTemplate:
     path = template_path(name_or_path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = loads_json(path.read_text(encoding="utf-8"), f"template {path}")
     except UnicodeDecodeError:
         raise UsageError(f"template {path}: not UTF-8 text") from None
     except json.JSONDecodeError as e:

@@ -8,7 +8,6 @@ after saving a resumable checkpoint.
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -17,6 +16,7 @@ import torch
 
 from lora_alpaca import checkpoint as ckpt
 from lora_alpaca.errors import UsageError
+from lora_alpaca.runlock import RunLock, lock_holder, overwrite_problem, remove_run_folder_contents
 from lora_alpaca.train_config import LORA_KEYS, FinetuneConfig, validate
 
 
@@ -33,6 +33,14 @@ def resolve_resume(cfg: FinetuneConfig, output_dir: Path) -> Path | None:
     if not cfg.resume_from_checkpoint:
         return None
     if cfg.resume_from_checkpoint == "auto":
+        from lora_alpaca.manifest import MANIFEST_NAME
+
+        if (output_dir / MANIFEST_NAME).is_file():
+            raise UsageError(
+                f"--resume_from_checkpoint auto: {output_dir} holds a finished run (its {MANIFEST_NAME} "
+                "is written); nothing to resume. To train it further start a new run with "
+                f"--init_from_adapter {output_dir} --output_dir NEW_FOLDER"
+            )
         latest = ckpt.find_latest(output_dir)
         if latest is None:
             _log(
@@ -114,27 +122,15 @@ def run_training(cfg: FinetuneConfig) -> int:
     validate(cfg, world)  # cheap flag checks before the heavy imports below
     from lora_alpaca.audit import format_audit
     from lora_alpaca.data import DataOptions, prepare_data
-    from lora_alpaca.lora_setup import add_lora, verify_saved_adapter
-    from lora_alpaca.manifest import build_manifest
-    from lora_alpaca.models import (
-        config_fingerprint,
-        load_model,
-        load_tokenizer,
-        resolve_base_model,
-        resolve_precision,
-    )
-    from lora_alpaca.outputs import library_versions, output_dir_problem, write_final_outputs
+    from lora_alpaca.models import load_config, load_tokenizer, resolve_base_model
+    from lora_alpaca.outpaths import check_writable_dir, finetune_space_needed, lora_adapter_bytes
+    from lora_alpaca.outputs import output_dir_problem
     from lora_alpaca.prompts import load_template
-    from lora_alpaca.training import (
-        InterruptedTraining,
-        TrainingStopped,
-        check_resume,
-        resume_fingerprint,
-        train_loop,
-    )
 
     # ---- setup: everything that can be wrong with the input fails here, before any write
     output_dir = Path(cfg.output_dir).expanduser().resolve()
+    if not cfg.audit_only:
+        preflight_output_dir(cfg, output_dir)
     resume_path = resolve_resume(cfg, output_dir)
     if not cfg.resume_from_checkpoint and not cfg.audit_only and not cfg.overwrite_output_dir:
         problem = output_dir_problem(output_dir)
@@ -143,7 +139,13 @@ def run_training(cfg: FinetuneConfig) -> int:
     template = load_template(cfg.prompt_template_name)
     ref = resolve_base_model(cfg.base_model)
     tokenizer = load_tokenizer(ref, cfg.trust_remote_code)
+    base_config = load_config(ref, cfg.trust_remote_code)  # a bad model_type fails here
     check_cutoff(cfg, tokenizer, template)
+    if not cfg.audit_only:
+        need = finetune_space_needed(
+            lora_adapter_bytes(base_config, cfg.lora_r, cfg.lora_target_modules)
+        )
+        check_writable_dir("--output_dir", output_dir, need)
     opts = DataOptions(
         data=cfg.data,
         instruction_column=cfg.instruction_column,
@@ -159,7 +161,10 @@ def run_training(cfg: FinetuneConfig) -> int:
         seed=cfg.seed,
         allow_unsupervised=cfg.allow_unsupervised,
     )
-    prepared = prepare_data(opts, tokenizer, template, for_training=not cfg.audit_only)
+    # The tokenized cache is written only once every check below has passed.
+    prepared = prepare_data(
+        opts, tokenizer, template, for_training=not cfg.audit_only, defer_cache=not cfg.audit_only
+    )
     if int(os.environ.get("RANK", "0")) == 0:
         print(
             format_audit(prepared.audit),
@@ -174,6 +179,69 @@ def run_training(cfg: FinetuneConfig) -> int:
         )
     if not cfg.add_eos_token:
         _log("warning: --add_eos_token false: the model will not learn to stop generating")
+    lock = RunLock(output_dir) if int(os.environ.get("RANK", "0")) == 0 else None
+    if lock is not None:
+        lock.acquire()
+    try:
+        return _train_locked(
+            cfg, started, output_dir, resume_path, template, ref, tokenizer, prepared, lock
+        )
+    except BaseException:
+        if lock is not None:
+            lock.release(remove_dir_if_empty=True)
+        raise
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def preflight_output_dir(cfg: FinetuneConfig, output_dir: Path) -> None:
+    """Checks on --output_dir that need no model: another live run, what
+    --overwrite_output_dir would delete, and whether the folder can be written at all."""
+    from lora_alpaca.outpaths import check_writable_dir
+
+    holder = lock_holder(output_dir)
+    if holder:
+        raise UsageError(
+            f"--output_dir {output_dir}: another run is using it ({holder}); wait for it to finish or choose another folder"
+        )
+    if cfg.overwrite_output_dir:
+        problem = overwrite_problem(
+            output_dir,
+            {
+                "--data": cfg.data,
+                "--base_model": cfg.base_model,
+                "--init_from_adapter": cfg.init_from_adapter,
+                "--prompt_template_name": cfg.prompt_template_name,
+            },
+        )
+        if problem:
+            raise UsageError(problem)
+    check_writable_dir("--output_dir", output_dir)
+
+
+def _train_locked(
+    cfg, started, output_dir, resume_path, template, ref, tokenizer, prepared, lock
+) -> int:
+    """The run once its output folder is locked: model, training, final outputs."""
+    from lora_alpaca.lora_setup import add_lora, verify_saved_adapter
+    from lora_alpaca.manifest import build_manifest
+    from lora_alpaca.models import config_fingerprint, load_model, resolve_precision
+    from lora_alpaca.outputs import library_versions, output_dir_problem, write_final_outputs
+    from lora_alpaca.training import (
+        DiskFull,
+        InterruptedTraining,
+        TrainingStopped,
+        check_resume,
+        resume_fingerprint,
+        train_loop,
+    )
+
+    # Two runs may both have passed the emptiness check before either held the lock.
+    if not cfg.resume_from_checkpoint and not cfg.overwrite_output_dir:
+        problem = output_dir_problem(output_dir)
+        if problem:
+            raise UsageError(problem)
 
     from accelerate import Accelerator
 
@@ -199,9 +267,10 @@ def run_training(cfg: FinetuneConfig) -> int:
     model = load_model(ref, precision, quantization, device, cfg.trust_remote_code)
     torch.manual_seed(cfg.seed)  # LoRA init and dropout are repeatable
     peft_model = add_lora(model, cfg, quantized=quantization != "none")
+    prepared.save_cache()  # every check passed: now the tokenized data may be cached
     if cfg.overwrite_output_dir and accelerator.is_main_process and output_dir.exists():
-        _log(f"--overwrite_output_dir: deleting {output_dir}")
-        shutil.rmtree(output_dir)
+        _log(f"--overwrite_output_dir: deleting the previous run in {output_dir}")
+        remove_run_folder_contents(output_dir)
     accelerator.wait_for_everyone()
     train_rows = [
         {"input_ids": i, "labels": lab}
@@ -240,6 +309,11 @@ def run_training(cfg: FinetuneConfig) -> int:
         _log(f"interrupted at step {e.position.global_step}; checkpoint and adapter so far: {last}")
         _log(f"resume with: {resume_cmd}")
         return 128 + e.signum
+    except DiskFull as e:
+        last = ckpt.find_latest(output_dir)
+        _log(f"error: {e}; last good checkpoint: {last or 'none yet'}")
+        _log(f"free some space, then resume with: {resume_cmd}")
+        return 2
     except TrainingStopped as e:
         last = ckpt.find_latest(output_dir)
         _log(f"error: training stopped: {e}")

@@ -76,8 +76,9 @@ class FinetuneConfig:
     allow_unsupervised: bool = field(
         False, "Train even if some rows end up with zero learned tokens (normally refused)."
     )
-    val_set_size: int = field(
-        2000, "Rows held out for evaluation (0 = none). Shrunk with a warning on small data."
+    val_set_size: float = field(
+        2000,
+        "Rows held out for evaluation (0 = none), or a fraction in (0, 1) of the rows. A row count is shrunk to 20% with a warning on small data.",
     )
     audit_only: bool = field(
         False,
@@ -224,6 +225,16 @@ def validate(cfg: FinetuneConfig, world_size: int = 1) -> None:
             problems.append(f"--{name} must be > 0 (got {getattr(cfg, name)})")
     if not 0 <= cfg.lora_dropout < 1:
         problems.append(f"--lora_dropout must be in [0, 1) (got {cfg.lora_dropout})")
+    if cfg.weight_decay < 0:
+        problems.append(f"--weight_decay must be >= 0 (got {cfg.weight_decay})")
+    if 0 < cfg.val_set_size < 1:
+        pass  # a fraction of the rows, as HF users type it
+    elif cfg.val_set_size != int(cfg.val_set_size):
+        problems.append(
+            f"--val_set_size must be a whole number of rows or a fraction in (0, 1) (got {cfg.val_set_size})"
+        )
+    else:
+        cfg.val_set_size = int(cfg.val_set_size)
     if cfg.learning_rate <= 0:
         problems.append(f"--learning_rate must be > 0 (got {cfg.learning_rate})")
     for name in (

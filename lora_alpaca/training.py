@@ -29,6 +29,8 @@ from lora_alpaca.loss import causal_lm_loss_sum
 from lora_alpaca.packing import count_supervised, pack_rows, pad_rows
 from lora_alpaca.train_config import RESUME_KEYS, FinetuneConfig
 
+DiskFull = ckpt.DiskFull  # raised by checkpoint saves; run_finetune reports it
+
 
 class TrainingStopped(Exception):
     """The sentinel stopped the run (NaN, zero loss, zero learning rate): exit code 3."""

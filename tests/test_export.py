@@ -173,7 +173,13 @@ def test_export_folder_contents(exported, trained):
     manifest = json.loads((trained / "lora_alpaca.json").read_text())
     assert gen.eos_token_id == manifest["special_tokens"]["eos_token_id"]
     assert gen.pad_token_id == manifest["special_tokens"]["pad_token_id"]
-    assert gen.stop_strings == manifest["stop_strings"] and "### Instruction:" in gen.stop_strings
+    # Stop strings stay out of generation_config.json (they would break plain generate());
+    # the merged folder's manifest and model card carry them.
+    assert getattr(gen, "stop_strings", None) is None
+    merged_manifest = json.loads((exported / "lora_alpaca.json").read_text())
+    assert merged_manifest["stop_strings"] == manifest["stop_strings"]
+    assert "### Instruction:" in merged_manifest["stop_strings"]
+    assert "### Instruction:" in (exported / "README.md").read_text()
     card = (exported / "README.md").read_text()
     run = json.loads((trained / "run.json").read_text())
     assert manifest["base_model"]["name"] in card
@@ -185,6 +191,21 @@ def test_export_folder_contents(exported, trained):
     for path in [exported, *exported.iterdir()]:
         assert not path.stat().st_mode & stat.S_IWOTH, path
     assert not [p for p in exported.parent.iterdir() if p.name.startswith(".")]  # no temp left
+
+
+def test_merged_folder_works_with_plain_transformers_readers(exported):
+    """The most common calls, unchanged: AutoModel + generate(**tokenizer(...)) without
+    `tokenizer=`, pipeline("text-generation"), and GenerationConfig.from_pretrained."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, pipeline
+
+    tok = AutoTokenizer.from_pretrained(exported)
+    model = AutoModelForCausalLM.from_pretrained(exported)
+    out = model.generate(**tok("### Instruction:\nSay hi.\n\n### Response:\n", return_tensors="pt"), max_new_tokens=3)
+    assert out.shape[1] > 0
+    pipe = pipeline("text-generation", model=str(exported), tokenizer=str(exported), device="cpu")
+    text = pipe("### Instruction:\nSay hi.\n\n### Response:\n", max_new_tokens=3)[0]["generated_text"]
+    assert text.startswith("### Instruction:")
+    assert GenerationConfig.from_pretrained(exported).eos_token_id is not None
 
 
 def test_parity_only_rechecks_and_fails_on_tampered_weights(exported, trained, tmp_path):

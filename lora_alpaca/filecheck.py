@@ -1,0 +1,102 @@
+"""Cheap integrity checks on files we are about to read, so a damaged file is one clear
+line instead of a traceback from deep inside a library.
+
+- safetensors: the 8-byte header length and the JSON header are read (no tensor data) and
+  the file must be exactly as long as the header says: a truncated download or copy is
+  caught before transformers/peft try to map it.
+- adapters: the LoRA shapes in `adapter_model.safetensors` must match the rank in
+  `adapter_config.json` (and the manifest's), or PEFT fails late with a size-mismatch dump.
+- JSON: a document nested so deeply that the parser overflows the stack is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+from lora_alpaca.errors import UsageError
+
+
+def shorten(text: object, limit: int = 200) -> str:
+    """One line, at most `limit` characters, cut at a word boundary with an ellipsis."""
+    flat = " ".join(str(text).split())
+    if len(flat) <= limit:
+        return flat
+    cut = flat[:limit].rsplit(" ", 1)[0]
+    return (cut if len(cut) > limit // 2 else flat[:limit]) + " ..."
+
+
+def loads_json(text: str, where: str):
+    """json.loads whose RecursionError (nesting too deep) is a one-line UsageError;
+    JSONDecodeError is left to the caller, which knows how to name lines and rows."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise UsageError(
+            f"{where}: JSON nested too deeply to read (thousands of levels); rows must be flat objects"
+        ) from None
+
+
+def safetensors_header(path: Path, flag: str) -> dict:
+    path = Path(path)
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read(8)
+            if len(raw) < 8:
+                raise ValueError("shorter than its 8-byte header length")
+            (n,) = struct.unpack("<Q", raw)
+            if n > min(size - 8, 100_000_000):
+                raise ValueError("header length points past the end of the file")
+            header = json.loads(fh.read(n))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UsageError(
+            f"{flag}: {path} is not a readable safetensors file ({shorten(e, 80)}); it is damaged or truncated, copy it again"
+        ) from None
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if size != 8 + n + end:
+        raise UsageError(
+            f"{flag}: {path} is truncated or damaged ({size:,} bytes, its header says {8 + n + end:,}); copy or download it again"
+        )
+    return header
+
+
+def check_model_folder(folder: Path, flag: str) -> None:
+    """Every *.safetensors file in a model folder is whole."""
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        safetensors_header(f, flag)
+
+
+def check_adapter_shapes(adapter_dir: Path, flag: str, manifest: dict | None = None) -> None:
+    """adapter_config.json's r (and the manifest's lora_r) against the saved tensors."""
+    adapter_dir = Path(adapter_dir)
+    weights = adapter_dir / "adapter_model.safetensors"
+    cfg_path = adapter_dir / "adapter_config.json"
+    if not weights.is_file():
+        return
+    header = safetensors_header(weights, flag)
+    if not cfg_path.is_file():
+        raise UsageError(f"{flag} {adapter_dir}: no adapter_config.json beside the weights")
+    try:
+        config = loads_json(cfg_path.read_text(encoding="utf-8"), f"{flag} {cfg_path}")
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UsageError(f"{flag} {cfg_path}: not valid JSON") from None
+    if not isinstance(config, dict):
+        raise UsageError(f"{flag} {cfg_path}: expected a JSON object")
+    ranks = {
+        v["shape"][0]
+        for k, v in header.items()
+        if k != "__metadata__" and "lora_A" in k and len(v.get("shape", [])) == 2
+    }
+    declared = {"adapter_config.json": config.get("r")}
+    if manifest and isinstance(manifest.get("lora"), dict) and "lora_r" in manifest["lora"]:
+        declared["lora_alpaca.json"] = manifest["lora"]["lora_r"]
+    if config.get("rank_pattern"):
+        return  # per-module ranks: PEFT checks those itself
+    for source, r in declared.items():
+        if ranks and r is not None and ranks != {r}:
+            raise UsageError(
+                f"{flag} {adapter_dir}: {source} says r={r} but adapter_model.safetensors holds "
+                f"rank {', '.join(map(str, sorted(ranks)))} weights; the files come from different runs"
+            )
