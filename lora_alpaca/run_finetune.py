@@ -180,8 +180,6 @@ def run_training(cfg: FinetuneConfig) -> int:
     if not cfg.add_eos_token:
         _log("warning: --add_eos_token false: the model will not learn to stop generating")
     lock = RunLock(output_dir) if int(os.environ.get("RANK", "0")) == 0 else None
-    if lock is not None:
-        lock.acquire()
     try:
         return _train_locked(
             cfg, started, output_dir, resume_path, template, ref, tokenizer, prepared, lock
@@ -223,7 +221,9 @@ def preflight_output_dir(cfg: FinetuneConfig, output_dir: Path) -> None:
 def _train_locked(
     cfg, started, output_dir, resume_path, template, ref, tokenizer, prepared, lock
 ) -> int:
-    """The run once its output folder is locked: model, training, final outputs."""
+    """Model, lock on the output folder, training, final outputs."""
+    from accelerate import Accelerator
+
     from lora_alpaca.lora_setup import add_lora, verify_saved_adapter
     from lora_alpaca.manifest import build_manifest
     from lora_alpaca.models import config_fingerprint, load_model, resolve_precision
@@ -236,14 +236,6 @@ def _train_locked(
         resume_fingerprint,
         train_loop,
     )
-
-    # Two runs may both have passed the emptiness check before either held the lock.
-    if not cfg.resume_from_checkpoint and not cfg.overwrite_output_dir:
-        problem = output_dir_problem(output_dir)
-        if problem:
-            raise UsageError(problem)
-
-    from accelerate import Accelerator
 
     # cpu=True on machines without a GPU: otherwise accelerate ignores torchrun's WORLD_SIZE
     # on CPU and every process trains alone.
@@ -267,7 +259,16 @@ def _train_locked(
     model = load_model(ref, precision, quantization, device, cfg.trust_remote_code)
     torch.manual_seed(cfg.seed)  # LoRA init and dropout are repeatable
     peft_model = add_lora(model, cfg, quantized=quantization != "none")
-    prepared.save_cache()  # every check passed: now the tokenized data may be cached
+    # Every input check has passed: lock the folder before the first write to it (the
+    # lock creates it), so two runs started at once cannot both write there.
+    if lock is not None:
+        lock.acquire()
+        # Both may have passed the emptiness check before either held the lock.
+        if not cfg.resume_from_checkpoint and not cfg.overwrite_output_dir:
+            problem = output_dir_problem(output_dir)
+            if problem:
+                raise UsageError(problem)
+    prepared.save_cache()  # now the tokenized data may be cached
     if cfg.overwrite_output_dir and accelerator.is_main_process and output_dir.exists():
         _log(f"--overwrite_output_dir: deleting the previous run in {output_dir}")
         remove_run_folder_contents(output_dir)
@@ -311,7 +312,8 @@ def _train_locked(
         return 128 + e.signum
     except DiskFull as e:
         last = ckpt.find_latest(output_dir)
-        _log(f"error: {e}; last good checkpoint: {last or 'none yet'}")
+        # A leading newline: the progress bar's line has no end yet.
+        _log(f"\nerror: {e}; last good checkpoint: {last or 'none yet'}")
         _log(f"free some space, then resume with: {resume_cmd}")
         return 2
     except TrainingStopped as e:
