@@ -46,6 +46,7 @@ class Audit:
     examples: list[dict] = field(
         default_factory=list
     )  # {"position", "segments": [[text, learned]]}
+    context_len: int = 0  # the model's context, set by finetune.py; caps the recommendation
     notes: list[str] = field(default_factory=list)  # warnings worth repeating on every run
 
     @property
@@ -160,8 +161,13 @@ def format_audit(audit: Audit, color: bool | None = None) -> str:
         lines += [
             "  tokens per example before cutting (prompt + response + special tokens): "
             + ", ".join(f"{k} {_n(v)}" for k, v in p.items()),
-            f"  recommended --cutoff_len {audit.recommended_cutoff_len} "
-            f"(fits {CUTOFF_COVERAGE}% of rows uncut)",
+            (
+                f"  recommended --cutoff_len {audit.recommended_cutoff_len} "
+                f"(fits {CUTOFF_COVERAGE}% of rows uncut)"
+                if not audit.context_len or audit.recommended_cutoff_len <= audit.context_len
+                else f"  recommended --cutoff_len {audit.context_len}: the model's context "
+                f"({CUTOFF_COVERAGE}% of rows would need {audit.recommended_cutoff_len}; longer rows are cut)"
+            ),
         ]
     cut = "truncated" if audit.overlength == "truncate" else "over the limit"
     lines += [

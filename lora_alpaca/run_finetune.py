@@ -165,6 +165,7 @@ def run_training(cfg: FinetuneConfig) -> int:
     prepared = prepare_data(
         opts, tokenizer, template, for_training=not cfg.audit_only, defer_cache=not cfg.audit_only
     )
+    prepared.audit.context_len = int(getattr(base_config, "max_position_embeddings", 0) or 0)
     if int(os.environ.get("RANK", "0")) == 0:
         print(
             format_audit(prepared.audit),

@@ -1,3 +1,4 @@
+# ruff: noqa: F811 - `shared` is the imported fixture, used as a test argument
 """Issue 11 corpus: data-loss, late-failure and traceback classes, through the real CLIs.
 
 Reuses the bad-input harness of tests/test_bad_inputs.py (one `error:` line, exit 2,
@@ -210,9 +211,11 @@ def test_unreachable_hub_id_fails_fast_in_one_line(tmp_path):
         [sys.executable, "generate.py", "--base_model", "someorg/no-such-model", "--prompt", "hi"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
-    assert time.monotonic() - t0 < 25
+    # Without the fast path: 5 retries, 30-50 s. The bound is loose for a loaded CI box;
+    # the absence of retry lines is the sharp check.
     check_one_line(p.returncode, p.stderr, ("someorg/no-such-model", "offline"), "hub")
-    assert "Retrying" not in p.stderr
+    assert "Retrying" not in p.stderr and "Retry" not in p.stderr
+    assert time.monotonic() - t0 < 45
 
 
 def _ft_argv(shared, data: Path, out: Path, *extra) -> list[str]:
@@ -336,7 +339,7 @@ def test_val_set_size_fraction_on_cli_and_yaml(shared, tmp_path):
         (tmp_path / "c.yaml").write_text("val_set_size: 0.1\n")
         seen = {}
         cmd = cli.build_command(
-            FinetuneConfig, lambda cfg: seen.setdefault("v", cfg.val_set_size), "x"
+            FinetuneConfig, lambda cfg, seen=seen: seen.setdefault("v", cfg.val_set_size), "x"
         )
         cmd.main(argv, standalone_mode=False)
         assert seen["v"] == 0.1
@@ -362,3 +365,13 @@ def test_write_atomic_never_replaces_a_symlink(tmp_path):
     with pytest.raises(UsageError):
         write_text_atomic(tmp_path / "ln", "new")
     assert (tmp_path / "ln").is_symlink() and target.read_text() == "keep"
+
+
+def test_audit_recommendation_is_capped_at_the_model_context():
+    from lora_alpaca.audit import Audit, format_audit
+
+    audit = Audit(source="d.json", template="alpaca", cutoff_len=512, train_on_inputs=False,
+                  add_eos_token=True, overlength="truncate", recommended_cutoff_len=4096,
+                  context_len=2048, length_percentiles={"p50": 900, "p99": 4000})  # fmt: skip
+    text = format_audit(audit, color=False)
+    assert "recommended --cutoff_len 2048: the model's context" in text and "4096" in text
