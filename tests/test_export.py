@@ -174,11 +174,11 @@ def test_export_folder_contents(exported, trained):
     assert gen.eos_token_id == manifest["special_tokens"]["eos_token_id"]
     assert gen.pad_token_id == manifest["special_tokens"]["pad_token_id"]
     # Stop strings stay out of generation_config.json (they would break plain generate());
-    # the merged folder's manifest and model card carry them.
+    # the merged folder's export.json and model card carry them.
     assert getattr(gen, "stop_strings", None) is None
-    merged_manifest = json.loads((exported / "lora_alpaca.json").read_text())
-    assert merged_manifest["stop_strings"] == manifest["stop_strings"]
-    assert "### Instruction:" in merged_manifest["stop_strings"]
+    record = json.loads((exported / "export.json").read_text())
+    assert record["template"]["stop_strings"] == manifest["stop_strings"]
+    assert "### Instruction:" in record["template"]["stop_strings"]
     assert "### Instruction:" in (exported / "README.md").read_text()
     card = (exported / "README.md").read_text()
     run = json.loads((trained / "run.json").read_text())
@@ -200,10 +200,14 @@ def test_merged_folder_works_with_plain_transformers_readers(exported):
 
     tok = AutoTokenizer.from_pretrained(exported)
     model = AutoModelForCausalLM.from_pretrained(exported)
-    out = model.generate(**tok("### Instruction:\nSay hi.\n\n### Response:\n", return_tensors="pt"), max_new_tokens=3)
+    out = model.generate(
+        **tok("### Instruction:\nSay hi.\n\n### Response:\n", return_tensors="pt"), max_new_tokens=3
+    )
     assert out.shape[1] > 0
     pipe = pipeline("text-generation", model=str(exported), tokenizer=str(exported), device="cpu")
-    text = pipe("### Instruction:\nSay hi.\n\n### Response:\n", max_new_tokens=3)[0]["generated_text"]
+    text = pipe("### Instruction:\nSay hi.\n\n### Response:\n", max_new_tokens=3)[0][
+        "generated_text"
+    ]
     assert text.startswith("### Instruction:")
     assert GenerationConfig.from_pretrained(exported).eos_token_id is not None
 
