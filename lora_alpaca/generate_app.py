@@ -24,7 +24,7 @@ class GenerateConfig(ServeFlags):
     lora_weights: list[str] | None = F(
         None,
         "Adapter folder written by finetune.py (its manifest gives base model and template); "
-        "with --api repeat it to serve several adapters.",
+        "with --api repeat it to serve several adapters (otherwise the last one given is used).",
         multiple=True,
     )
     prompt_template_name: str | None = F(
@@ -105,8 +105,6 @@ def check_flags(cfg: GenerateConfig) -> DecodingSettings:
             raise UsageError(f"--{flag} {getattr(cfg, flag)}: must be >= 1")
     if not 0 <= cfg.server_port <= 65535:
         raise UsageError(f"--server_port {cfg.server_port}: must be 0-65535")
-    if len(cfg.lora_weights or []) > 1 and not cfg.api:
-        raise UsageError("--lora_weights given more than once: several adapters need --api")
     return DecodingSettings(
         cfg.mode,
         cfg.temperature,
@@ -137,7 +135,7 @@ def main(cfg: GenerateConfig) -> int:
     loaded = load_generator(
         LoadRequest(
             base_model=cfg.base_model,
-            lora_weights=cfg.lora_weights[0] if cfg.lora_weights else None,
+            lora_weights=cfg.lora_weights[-1] if cfg.lora_weights else None,  # last wins
             prompt_template_name=cfg.prompt_template_name,
             quantization=cfg.quantization,
             dtype=cfg.dtype,
