@@ -48,7 +48,9 @@ def task_list(prompt: str, max_tokens: int) -> tuple[str, str, int]:
         else:
             words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 9)))
             instruction = f"{rng.choice(VERBS)} the {words}."
-        task_input = " ".join(rng.choice(WORDS) for _ in range(6)) if rng.random() < 0.4 else "<noinput>"
+        task_input = (
+            " ".join(rng.choice(WORDS) for _ in range(6)) if rng.random() < 0.4 else "<noinput>"
+        )
         output = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))).capitalize() + "."
         blocks.append(
             f"{number}. Instruction: {instruction}\n{number}. Input:\n{task_input}\n"
@@ -99,7 +101,11 @@ class Handler(BaseHTTPRequestHandler):
             prompt = body["messages"][-1]["content"]
             text, reason, n = task_list(prompt, body.get("max_tokens", 3072))
             text = "Here are more tasks:\n\n" + text
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason}
+            choice = {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "finish_reason": reason,
+            }
             kind = "chat.completion"
         elif self.path == "/v1/completions":
             prompt = body["prompt"]
@@ -113,7 +119,14 @@ class Handler(BaseHTTPRequestHandler):
         usage["total_tokens"] = usage["prompt_tokens"] + n
         self._send(
             200,
-            {"id": "x", "object": kind, "created": 0, "model": MODEL, "choices": [choice], "usage": usage},
+            {
+                "id": "x",
+                "object": kind,
+                "created": 0,
+                "model": MODEL,
+                "choices": [choice],
+                "usage": usage,
+            },
         )
 
 
@@ -126,7 +139,11 @@ def main() -> None:
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     server.stats = {"requests": 0, "failed": 0}
     server.lock = threading.Lock()
-    server.delay, server.fail_first, server.fail_status = args.delay, args.fail_first, args.fail_status
+    server.delay, server.fail_first, server.fail_status = (
+        args.delay,
+        args.fail_first,
+        args.fail_status,
+    )
     print(f"PORT {server.server_address[1]}", flush=True)
     try:
         server.serve_forever()

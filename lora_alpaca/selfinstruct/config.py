@@ -58,13 +58,17 @@ class SelfInstructConfig:
     request_batch_size: int = field(5, "Requests per round (state is saved after every round).")
     temperature: float = field(1.0, "Teacher sampling temperature.")
     top_p: float = field(1.0, "Teacher nucleus sampling mass.")
-    max_tokens: int = field(3072, "Most tokens per teacher answer (the last task is dropped when cut).")
+    max_tokens: int = field(
+        3072, "Most tokens per teacher answer (the last task is dropped when cut)."
+    )
     similarity_threshold: float = field(
         0.7, "Reject a task whose ROUGE-L to a seed or kept instruction is above this."
     )
     seed: int = field(42, "Random seed: which seed tasks each request shows, and request seeds.")
     max_concurrency: int = field(5, "Requests in flight at once (endpoint teachers).")
-    max_retries: int = field(5, "Retries with exponential backoff on 429, 5xx and lost connections.")
+    max_retries: int = field(
+        5, "Retries with exponential backoff on 429, 5xx and lost connections."
+    )
     request_timeout: float = field(600.0, "Seconds to wait for one teacher answer.")
     price_per_1k_tokens: float | None = field(
         None, "Teacher price in dollars per 1,000 tokens (prompt + answer), for the report's cost."

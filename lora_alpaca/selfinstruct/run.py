@@ -73,7 +73,9 @@ class Progress:
     def refresh(self) -> None:
         rejected = self.state["rejected"]
         mix = ", ".join(f"{r} {c}" for r, c in sorted(rejected.items(), key=lambda kv: -kv[1])[:4])
-        self.bar.set_postfix_str(f"rejected {sum(rejected.values())}" + (f" ({mix})" if mix else ""))
+        self.bar.set_postfix_str(
+            f"rejected {sum(rejected.values())}" + (f" ({mix})" if mix else "")
+        )
 
     def set(self, kept: int) -> None:
         self.bar.update(min(kept, self.bar.total) - self.bar.n)
@@ -108,7 +110,11 @@ def run_round(cfg, state: dict, seeds: list[dict], index: RougeIndex, teacher) -
             sim = index.similarity(task["instruction"])
             if sim.max_score > cfg.similarity_threshold:
                 closest = next(iter(sim.most_similar))
-                _reject(state, "too_similar", f"{task['instruction']} ({sim.max_score:.2f} to: {closest})")
+                _reject(
+                    state,
+                    "too_similar",
+                    f"{task['instruction']} ({sim.max_score:.2f} to: {closest})",
+                )
                 continue
             state["kept"].append(
                 {

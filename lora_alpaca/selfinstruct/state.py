@@ -73,7 +73,9 @@ def check_resumable(state: dict, recipe: dict, seeds_sha256: str, out_dir: Path)
     if state["seed_tasks_sha256"] != seeds_sha256:
         diffs.append("--seed_tasks (other seed tasks than the folder's run)")
     if diffs:
-        raise UsageError(f"--resume {out_dir}: differs from the run that started it: " + "; ".join(diffs))
+        raise UsageError(
+            f"--resume {out_dir}: differs from the run that started it: " + "; ".join(diffs)
+        )
 
 
 def write_outputs(out_dir: Path, state: dict, limit: int) -> None:

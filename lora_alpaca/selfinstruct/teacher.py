@@ -74,21 +74,29 @@ class EndpointTeacher:
         where = f"--api_base {cfg.api_base}"
         retries = f" after {cfg.max_retries} retries" if cfg.max_retries else ""
         if isinstance(e, openai.APITimeoutError):
-            return UsageError(f"{where}: no answer within --request_timeout {cfg.request_timeout}s{retries}")
+            return UsageError(
+                f"{where}: no answer within --request_timeout {cfg.request_timeout}s{retries}"
+            )
         if isinstance(e, openai.APIConnectionError):
-            return UsageError(f"{where}: cannot reach the endpoint{retries} ({e}); is the server running?")
+            return UsageError(
+                f"{where}: cannot reach the endpoint{retries} ({e}); is the server running?"
+            )
         if isinstance(e, openai.APIStatusError):
             detail = " ".join(str(getattr(e, "message", e)).split())[:300]
             code = e.status_code
             if code in (401, 403):
-                return UsageError(f"{where}: the endpoint refused the key ({code}: {detail}); set OPENAI_API_KEY")
+                return UsageError(
+                    f"{where}: the endpoint refused the key ({code}: {detail}); set OPENAI_API_KEY"
+                )
             if code == 404:
                 return UsageError(
                     f"--model {cfg.model}: {cfg.api_base} refuses it or has no /{cfg.api} route "
                     f"(404: {detail}); check the name and that the URL ends in /v1"
                 )
             if code in (400, 422):
-                return UsageError(f"--model {cfg.model}: the endpoint refused the request ({code}: {detail})")
+                return UsageError(
+                    f"--model {cfg.model}: the endpoint refused the request ({code}: {detail})"
+                )
             return UsageError(f"{where}: the endpoint keeps failing{retries} ({code}: {detail})")
         return e
 
@@ -115,7 +123,9 @@ class LocalTeacher:
         template = dataclasses.replace(gen.template, stop_strings=tuple(STOP))
         self.generator = TextGenerator(gen.model, gen.tokenizer, template, gen.device)
         self.chat = cfg.api == "chat" and bool(getattr(gen.tokenizer, "chat_template", None))
-        self.description = f"{loaded.description} (local, {'chat template' if self.chat else 'raw prompt'})"
+        self.description = (
+            f"{loaded.description} (local, {'chat template' if self.chat else 'raw prompt'})"
+        )
         greedy = cfg.temperature == 0
         self.settings = lambda seed: DecodingSettings(
             mode="greedy" if greedy else "sample",
