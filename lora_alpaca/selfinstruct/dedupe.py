@@ -24,7 +24,7 @@ import numpy as np
 from rouge_score import tokenizers
 
 _TOKENIZER = tokenizers.DefaultTokenizer(use_stemmer=False)  # Stanford: use_stemmer=False
-PAD = 0  # token id of padding; every real token id is >= 1
+PAD = 0  # token id of padding (matches nothing); every real token id is >= 1
 
 
 def rouge_tokens(text: str) -> list[str]:
@@ -32,26 +32,32 @@ def rouge_tokens(text: str) -> list[str]:
     return _TOKENIZER.tokenize(text)
 
 
+ALL_ONES = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
 class _Bucket:
-    """Kept instructions of at most `width` tokens: a growing (rows, width) id matrix."""
+    """Kept instructions of at most `width` tokens: a growing (width, rows) id matrix, stored
+    column by column so that reading token j of every row is one contiguous slice."""
 
     def __init__(self, width: int):
         self.width = width
-        self.tokens = np.zeros((64, width), dtype=np.int32)
+        self.columns = np.zeros((width, 64), dtype=np.int32)
         self.lengths = np.zeros(64, dtype=np.int64)
         self.order = np.zeros(64, dtype=np.int64)  # index of each row in insertion order
         self.size = 0
+        self.longest = 0
 
     def add(self, ids: list[int], index: int) -> None:
         if self.size == len(self.lengths):  # double the capacity
             grow = len(self.lengths)
-            self.tokens = np.concatenate([self.tokens, np.zeros_like(self.tokens[:grow])])
+            self.columns = np.concatenate([self.columns, np.zeros_like(self.columns)], axis=1)
             self.lengths = np.concatenate([self.lengths, np.zeros(grow, dtype=np.int64)])
             self.order = np.concatenate([self.order, np.zeros(grow, dtype=np.int64)])
-        self.tokens[self.size, : len(ids)] = ids
+        self.columns[: len(ids), self.size] = ids
         self.lengths[self.size] = len(ids)
         self.order[self.size] = index
         self.size += 1
+        self.longest = max(self.longest, len(ids))
 
 
 def _popcount(words: np.ndarray) -> np.ndarray:
@@ -62,24 +68,38 @@ def _popcount(words: np.ndarray) -> np.ndarray:
     return np.unpackbits(as_bytes, axis=1).sum(axis=1, dtype=np.int64)
 
 
-def _lcs_lengths(query: list[int], bucket: _Bucket) -> np.ndarray:
-    """LCS length between `query` and every row of `bucket` (bit-parallel, all rows at once)."""
-    m = len(query)
-    k = (m + 63) // 64
-    rows = bucket.size
-    # match[t] = bit mask of the positions of token id t in the query
-    vocab = int(max(query)) + 1
-    match = np.zeros((vocab, k), dtype=np.uint64)
+def _match_table(query: list[int], n_ids: int, k: int) -> np.ndarray:
+    """match[t, w] = bits of the query positions 64w..64w+63 that hold token id t."""
+    match = np.zeros((n_ids, k), dtype=np.uint64)
     for pos, tok in enumerate(query):
         match[tok, pos // 64] |= np.uint64(1) << np.uint64(pos % 64)
-    column_ids = bucket.tokens[:rows]
-    column_ids = np.where(column_ids < vocab, column_ids, PAD)  # ids the query lacks: no match
-    v = np.full((rows, k), np.uint64(0xFFFFFFFFFFFFFFFF))
-    for j in range(int(bucket.lengths[:rows].max(initial=0))):
-        m_j = match[column_ids[:, j]]  # (rows, k)
+    return match
+
+
+def _low_bits(m: int, k: int) -> np.ndarray:
+    low = np.full(k, ALL_ONES)
+    if m % 64:
+        low[-1] = np.uint64((1 << (m % 64)) - 1)
+    return low
+
+
+def _lcs_lengths(query: list[int], bucket: _Bucket, n_ids: int) -> np.ndarray:
+    """LCS length between `query` and every row of `bucket` (bit-parallel, all rows at once)."""
+    m, rows = len(query), bucket.size
+    k = (m + 63) // 64
+    match = _match_table(query, n_ids, k)
+    if k == 1:  # nearly every instruction: one word, the addition needs no carry
+        table = match[:, 0]
+        v = np.full(rows, ALL_ONES)
+        for j in range(bucket.longest):
+            m_j = table[bucket.columns[j, :rows]]
+            v = (v + (v & m_j)) | (v & ~m_j)  # uint64 addition wraps: the carry out is dropped
+        return m - _popcount((v & _low_bits(m, 1)[0])[:, None])
+    v = np.full((rows, k), ALL_ONES)
+    for j in range(bucket.longest):
+        m_j = match[bucket.columns[j, :rows]]  # (rows, k)
         u = v & m_j
-        # v = (v + u) | (v & ~m_j), the addition carried across the k words
-        total = np.empty_like(v)
+        total = np.empty_like(v)  # v + u, the carry propagated across the k words
         carry = np.zeros(rows, dtype=np.uint64)
         for w in range(k):
             s = v[:, w] + u[:, w]
@@ -89,11 +109,7 @@ def _lcs_lengths(query: list[int], bucket: _Bucket) -> np.ndarray:
             total[:, w] = s2
         v = total | (v & ~m_j)
     # bits at positions >= m are not query positions: count zeros among the first m only
-    low = np.zeros(k, dtype=np.uint64)
-    for w in range(k):
-        bits = min(64, m - 64 * w)
-        low[w] = np.uint64(0xFFFFFFFFFFFFFFFF) if bits == 64 else np.uint64((1 << bits) - 1)
-    return m - _popcount(v & low)
+    return m - _popcount(v & _low_bits(m, k))
 
 
 @dataclass
@@ -147,7 +163,7 @@ class RougeIndex:
         for bucket in self._buckets.values():
             if not bucket.size:
                 continue
-            lcs = _lcs_lengths(query, bucket).astype(np.float64)
+            lcs = _lcs_lengths(query, bucket, len(self._vocab) + 2).astype(np.float64)
             lengths = bucket.lengths[: bucket.size].astype(np.float64)
             with np.errstate(divide="ignore", invalid="ignore"):
                 precision = lcs / lengths  # prediction = the kept instruction
