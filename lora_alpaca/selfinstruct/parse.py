@@ -3,7 +3,8 @@
 Stanford's post_process_gpt3_response, made more forgiving where it threw good tasks away:
 its blocks had to carry exactly the expected number, so one skipped or repeated number
 (numbering drift) lost every task after it; here each block only has to be consistent with
-itself. A chat model's preamble before its first task is ignored, and a block is only a
+itself, and a block also ends where the next "N. Instruction:" line begins even without
+the `###` separator. A chat model's preamble before its first task is ignored, and a block is only a
 separator away from the next when `###` stands on its own line (a markdown heading such as
 `### Steps` inside an output does not split it).
 """
@@ -17,7 +18,11 @@ from dataclasses import dataclass
 from lora_alpaca.selfinstruct.prompt import NO_INPUT
 
 LABEL = re.compile(r"(\d+)\s*\.\s*(Instruction|Input|Output)\s*:")
-SEPARATOR = re.compile(r"(?m)^[ \t]*###[ \t]*(?=\n|$|\d+\s*\.\s*Instruction)")
+# A block ends at a `###` line, or where the next "N. Instruction:" line starts (small
+# teachers often drop the separators; Stanford then lost the whole answer as one block).
+SEPARATOR = re.compile(
+    r"(?m)^[ \t]*###[ \t]*(?=\n|$|\d+\s*\.\s*Instruction)|(?=^[ \t]*\d+\s*\.\s*Instruction\s*:)"
+)
 # Stanford's blacklist: tasks a text-only model cannot do. Whole words, any case.
 BLACKLIST = (
     "image", "images", "graph", "graphs", "picture", "pictures", "file", "files", "map", "maps",
@@ -74,12 +79,11 @@ def _blocks(text: str, next_number: int) -> list[str]:
     first = segments[0]
     if not first.strip():
         return segments
-    if not any(m.group(2) == "Instruction" for m in LABEL.finditer(first)):
+    if not LABEL.search(first) and len(segments) > 1:
+        segments[0] = ""  # a chat answer's own opening sentence before its first task
+    elif not any(m.group(2) == "Instruction" for m in LABEL.finditer(first)):
         # A completion continues the prompt, which ended with "k+1. Instruction:".
         segments[0] = f"{next_number}. Instruction:{first}"
-    else:  # a chat answer may open with a sentence of its own before the first task
-        start = next(m.start() for m in LABEL.finditer(first) if m.group(2) == "Instruction")
-        segments[0] = first[start:]
     return segments
 
 
