@@ -64,7 +64,9 @@ def main() -> None:
         f"Stanford-style _score_lcs: {per_pair * 1e6:.2f} us/pair -> {per_pair * pairs / 3600:.2f} h "
         f"for the same {pairs:,} pairs in one process (x{per_pair * pairs / ours:.0f})"
     )
-    print(f"machine: {platform.processor() or platform.machine()}, python {platform.python_version()}")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, python {platform.python_version()}"
+    )
 
 
 if __name__ == "__main__":

@@ -196,7 +196,14 @@ def test_seed_formats(tmp_path):
 
 
 def test_blocks_without_separators_are_split_at_instruction_lines():
-    text = block(4, GOOD) + block(5, "Explain how a rainbow forms in the sky.") + "6. Instruction: Sum\n6. Output:\nx"
+    text = (
+        block(4, GOOD)
+        + block(5, "Explain how a rainbow forms in the sky.")
+        + "6. Instruction: Sum\n6. Output:\nx"
+    )
     parsed = parse_answer(text, "stop", 3)
-    assert [t["instruction"] for t in parsed.tasks] == [GOOD, "Explain how a rainbow forms in the sky."]
+    assert [t["instruction"] for t in parsed.tasks] == [
+        GOOD,
+        "Explain how a rainbow forms in the sky.",
+    ]
     assert [r for r, _ in parsed.rejected] == ["malformed"]
