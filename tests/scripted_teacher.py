@@ -101,6 +101,8 @@ class Handler(BaseHTTPRequestHandler):
             prompt = body["messages"][-1]["content"]
             text, reason, n = task_list(prompt, body.get("max_tokens", 3072))
             text = "Here are more tasks:\n\n" + text
+            if self.server.junk:
+                text = "1. Instruction: I cannot help with that.\n###\nSorry."
             choice = {
                 "index": 0,
                 "message": {"role": "assistant", "content": text},
@@ -135,6 +137,7 @@ def main() -> None:
     ap.add_argument("--delay", type=float, default=0.0)
     ap.add_argument("--fail_first", type=int, default=0)
     ap.add_argument("--fail_status", type=int, default=503)
+    ap.add_argument("--junk", action="store_true", help="answer with text no parser can use")
     args = ap.parse_args()
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     server.stats = {"requests": 0, "failed": 0}
@@ -144,6 +147,7 @@ def main() -> None:
         args.fail_first,
         args.fail_status,
     )
+    server.junk = args.junk
     print(f"PORT {server.server_address[1]}", flush=True)
     try:
         server.serve_forever()

@@ -197,3 +197,16 @@ def test_output_folder_is_never_overwritten_and_resume_checks_the_recipe(tmp_pat
         assert wrong.returncode == 2 and "--model nope" in wrong.stderr.splitlines()[-1]
         assert not (tmp_path / "w").exists()
         assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_a_teacher_that_never_follows_the_format_stops_the_run(tmp_path):
+    with scripted_teacher("--junk") as url:
+        out = tmp_path / "junk"
+        r = run_script(
+            "generate_instruction.py",
+            *teacher_args(url, out, 5, "--max_rounds_without_progress", "3"),
+        )
+        assert stats(url)["requests"] == 3 * 2  # three rounds of two requests, then it stops
+    assert r.returncode == 2 and "no usable task in 3 rounds" in r.stderr.splitlines()[-1]
+    assert "malformed" in r.stderr.splitlines()[-1]
+    assert read(out, "state.json")["rounds"] == 3 and (out / "report.md").is_file()

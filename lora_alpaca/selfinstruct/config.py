@@ -70,6 +70,10 @@ class SelfInstructConfig:
         5, "Retries with exponential backoff on 429, 5xx and lost connections."
     )
     request_timeout: float = field(600.0, "Seconds to wait for one teacher answer.")
+    max_rounds_without_progress: int = field(
+        20,
+        "Stop (state saved, --resume continues) after this many rounds in a row that keep no task: a teacher that cannot follow the format would otherwise spend tokens forever. 0 = never stop.",
+    )
     price_per_1k_tokens: float | None = field(
         None, "Teacher price in dollars per 1,000 tokens (prompt + answer), for the report's cost."
     )
@@ -95,6 +99,10 @@ def check_flags(cfg: SelfInstructConfig) -> None:
     ):
         if getattr(cfg, flag) < 1:
             raise UsageError(f"--{flag} {getattr(cfg, flag)}: must be >= 1")
+    if cfg.max_rounds_without_progress < 0:
+        raise UsageError(
+            f"--max_rounds_without_progress {cfg.max_rounds_without_progress}: must be >= 0"
+        )
     if cfg.max_retries < 0:
         raise UsageError(f"--max_retries {cfg.max_retries}: must be >= 0")
     if not cfg.temperature >= 0:

@@ -34,6 +34,10 @@ from lora_alpaca.selfinstruct.state import (
 )
 
 
+class TeacherStalled(UsageError):
+    """Too many rounds in a row kept nothing (one line, like every other user-facing stop)."""
+
+
 def log(msg: str) -> None:
     print(f"[generate_instruction] {msg}", file=sys.stderr, flush=True)
 
@@ -152,11 +156,25 @@ def main(cfg: SelfInstructConfig) -> int:
     # or refuses the model leaves only its one error line.
     progress = None
     try:
+        idle = 0
         while len(state["kept"]) < target:
+            before = len(state["kept"])
             run_round(cfg, state, seeds, index, teacher)
             save_round(out, state, target)
             progress = progress or Progress(target, state)
             progress.set(len(state["kept"]))
+            idle = 0 if len(state["kept"]) > before else idle + 1
+            if idle and idle == cfg.max_rounds_without_progress:
+                progress.close()
+                write_report(out, state, target, teacher.description, cfg.price_per_1k_tokens)
+                mix = ", ".join(
+                    f"{r} {c}" for r, c in sorted(state["rejected"].items(), key=lambda kv: -kv[1])
+                )
+                raise TeacherStalled(
+                    f"the teacher gave no usable task in {idle} rounds in a row (rejected: {mix}); "
+                    f"{out} keeps every round (report.md shows examples): try a larger model or "
+                    "--api completions, then --resume"
+                )
     except KeyboardInterrupt:
         if progress:
             progress.close()
