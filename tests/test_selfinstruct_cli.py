@@ -210,3 +210,18 @@ def test_a_teacher_that_never_follows_the_format_stops_the_run(tmp_path):
     assert r.returncode == 2 and "no usable task in 3 rounds" in r.stderr.splitlines()[-1]
     assert "malformed" in r.stderr.splitlines()[-1]
     assert read(out, "state.json")["rounds"] == 3 and (out / "report.md").is_file()
+
+
+def test_local_teacher_model_runs_through_the_generation_engine(tmp_path, tiny_model):
+    """--teacher_model: no server; a tiny random model writes junk, so the run stops after
+    one idle round, having generated through lora_alpaca's TextGenerator."""
+    out = tmp_path / "local"
+    r = run_script(
+        "generate_instruction.py", "--teacher_model", tiny_model, "--max_tokens", "16",
+        "--request_batch_size", "2", "--num_instructions_to_generate", "1",
+        "--max_rounds_without_progress", "1", "--output_dir", out,
+    )  # fmt: skip
+    assert r.returncode == 2 and "no usable task in 1 rounds" in r.stderr.splitlines()[-1], r.stderr
+    state = read(out, "state.json")
+    assert state["requests"] == 2 and 0 < state["usage"]["completion_tokens"] <= 32
+    assert state["usage"]["prompt_tokens"] > 200
