@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from lora_alpaca.manifest import write_text_atomic
+from lora_alpaca.fileio import write_text_atomic
 
 REPORT_MD = "report.md"
 REPORT_PNG = "report.png"

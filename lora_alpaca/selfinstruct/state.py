@@ -12,7 +12,7 @@ import random
 from pathlib import Path
 
 from lora_alpaca.errors import UsageError
-from lora_alpaca.manifest import write_json_atomic
+from lora_alpaca.fileio import write_json_atomic
 
 STATE_NAME = "state.json"
 REGEN_NAME = "regen.json"

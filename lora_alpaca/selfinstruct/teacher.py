@@ -113,8 +113,8 @@ class LocalTeacher:
     def __init__(self, cfg):
         import dataclasses
 
-        from lora_alpaca.generation import DecodingSettings, TextGenerator
-        from lora_alpaca.inference import LoadRequest, load_generator
+        from lora_alpaca.generate.engine import DecodingSettings, TextGenerator
+        from lora_alpaca.generate.loading import LoadRequest, load_generator
 
         self.cfg = cfg
         loaded = load_generator(LoadRequest(base_model=cfg.teacher_model))

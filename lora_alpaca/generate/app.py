@@ -9,7 +9,8 @@ from pathlib import Path
 
 from lora_alpaca import cli
 from lora_alpaca.errors import UsageError
-from lora_alpaca.generation import MODES, DecodingSettings
+from lora_alpaca.generate.engine import MODES, DecodingSettings
+from lora_alpaca.log import log
 from lora_alpaca.serve.flags import ServeFlags, check_api_flags
 
 F = cli.field
@@ -120,7 +121,7 @@ def check_flags(cfg: GenerateConfig) -> DecodingSettings:
 
 
 def main(cfg: GenerateConfig) -> int:
-    from lora_alpaca.batch_generate import check_output_path, read_prompt_rows
+    from lora_alpaca.generate.batch import check_output_path, read_prompt_rows
 
     settings = check_flags(cfg)
     if cfg.api:
@@ -132,7 +133,7 @@ def main(cfg: GenerateConfig) -> int:
     if cfg.probe_report:
         check_output_path(cfg.probe_report)
 
-    from lora_alpaca.inference import LoadRequest, load_generator
+    from lora_alpaca.generate.loading import LoadRequest, load_generator
 
     loaded = load_generator(
         LoadRequest(
@@ -146,16 +147,17 @@ def main(cfg: GenerateConfig) -> int:
         )
     )
     gen = loaded.generator
-    print(f"[generate] {loaded.description}", file=sys.stderr, flush=True)
+    log(loaded.description, tag="generate")
 
     if rows is not None:
-        from lora_alpaca.batch_generate import generate_rows, write_jsonl_atomic, write_text_atomic
+        from lora_alpaca.fileio import write_jsonl_atomic, write_text_atomic
+        from lora_alpaca.generate.batch import generate_rows
 
         answered = generate_rows(gen, rows, settings, cfg.batch_size)
         write_jsonl_atomic(out, answered)
-        print(f"[generate] wrote {len(answered)} rows to {out}", file=sys.stderr)
+        log(f"wrote {len(answered)} rows to {out}", tag="generate")
         if cfg.probe_report:
-            from lora_alpaca.probe import probe, report_markdown
+            from lora_alpaca.generate.probe import probe, report_markdown
 
             setup = (
                 f"{loaded.description}; {cfg.input_file}; {settings.mode}, "
@@ -186,7 +188,7 @@ def main(cfg: GenerateConfig) -> int:
         )
         return 0
 
-    from lora_alpaca.ui import ServerLimits, build_demo, launch
+    from lora_alpaca.generate.ui import ServerLimits, build_demo, launch
 
     limits = ServerLimits(cfg.max_input_chars, cfg.max_new_tokens_limit, cfg.concurrency_limit)
     launch(
