@@ -27,6 +27,7 @@ from lora_alpaca import checkpoint as ckpt
 from lora_alpaca.errors import UsageError
 from lora_alpaca.loss import causal_lm_loss_sum
 from lora_alpaca.packing import count_supervised, pack_rows, pad_rows
+from lora_alpaca.progress import bar_enabled, duration, run_estimate
 from lora_alpaca.train_config import RESUME_KEYS, FinetuneConfig
 
 
@@ -247,27 +248,35 @@ def train_loop(
             cfg.save_total_limit,
         )
 
-    from tqdm.auto import tqdm
-
-    bar = tqdm(
-        total=total_steps,
-        initial=pos.global_step,
-        disable=not accelerator.is_main_process,
-        desc="train",
-        unit="step",
-        dynamic_ncols=True,
-        file=sys.stderr,
-    )
-    zero_streak, t0, tokens_at_start = 0, time.time(), pos.tokens_seen
     # Fault-injection hooks for the reliability tests: poison the loss, or have the process
     # send itself a real signal, right after a given step.
     nan_step = int(os.environ.get("LORA_ALPACA_FAULT_NAN_STEP", "0"))
     signal_step = int(os.environ.get("LORA_ALPACA_FAULT_SIGNAL_STEP", "0"))
     row_log = os.environ.get("LORA_ALPACA_ROW_LOG")  # which rows each step trained on
+    # The pre-training evaluation gets its own lines, before the bar exists: on CPU it can
+    # take minutes, and inside the bar it would sit at 0/N and spoil the first rate.
+    eval_s = 0.0
     if val_rows and pos.global_step == 0:
+        log(f"evaluating on {len(val_rows):,} validation rows before training ...")
+        started = time.time()
         ev = evaluate(module, val_rows, cfg, accelerator, autocast, batcher)
+        eval_s = time.time() - started
         pos.eval_history.append({"step": 0, "eval_loss": ev})
-        log(f"step 0/{total_steps} | eval loss {ev:.4f} (before training)")
+        log(f"step 0/{total_steps} | eval loss {ev:.4f} (before training, {duration(eval_s)})")
+    from tqdm.auto import tqdm
+
+    bar = tqdm(
+        total=total_steps,
+        initial=pos.global_step,
+        disable=not (accelerator.is_main_process and bar_enabled()),
+        desc="train",
+        unit="step",
+        dynamic_ncols=True,
+        file=sys.stderr,
+    )
+    # Rates and the bar are timed from here: the first optimizer step.
+    zero_streak, t0, tokens_at_start = 0, time.time(), pos.tokens_seen
+    first_step = pos.global_step + 1
     module.train()
     with StopFlag() as stop:
         while pos.global_step < total_steps:
@@ -339,6 +348,26 @@ def train_loop(
                     f"learning rate is 0 at step {pos.global_step}, after warmup: check --learning_rate and --lr_scheduler"
                 )
             rate = (pos.tokens_seen - tokens_at_start) / max(time.time() - t0, 1e-9)
+            if pos.global_step == first_step and pos.global_step < total_steps:
+                steps_left = total_steps - pos.global_step
+                evals_left = len(
+                    {total_steps}
+                    | {
+                        k
+                        for k in range(pos.global_step + 1, total_steps + 1)
+                        if cfg.eval_steps and k % cfg.eval_steps == 0
+                    }
+                )
+                log(
+                    run_estimate(
+                        time.time() - t0,
+                        steps_left,
+                        eval_s,
+                        evals_left if eval_s else 0,
+                        accelerator.device.type == "cuda",
+                    ),
+                    bar,
+                )
             bar.update(1)
             bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.1e}", tok_s=f"{rate:.0f}")
             if pos.global_step % cfg.logging_steps == 0 or pos.global_step == total_steps:
