@@ -33,15 +33,15 @@ def human_summary(
 
 
 def run_estimate(
-    step_s: float, steps_left: int, eval_s: float, evals_left: int, on_gpu: bool
+    step_s: float, step: int, total_steps: int, eval_s: float, eval_steps: int, on_gpu: bool
 ) -> str:
-    """The whole run's expected length, from the first optimizer step and the timed
-    evaluation, with what would change it."""
+    """The rest of the run's expected length, from the first optimizer step and the timed
+    evaluation (evaluations every `eval_steps` and at the end), with what would change it."""
+    steps_left = total_steps - step
+    evals = {total_steps} | {k for k in range(step + 1, total_steps + 1) if k % eval_steps == 0}
+    evals_left = len(evals) if eval_steps and eval_s else 0
     total = step_s * steps_left + eval_s * evals_left
-    line = (
-        f"estimate: {duration(total)} for the remaining {steps_left} step(s) at "
-        f"{duration(step_s)}/step"
-    )
+    line = f"estimate: {duration(total)} for the remaining {steps_left} step(s) at {duration(step_s)}/step"
     if evals_left:
         line += f" + {evals_left} evaluation(s) of ~{duration(eval_s)}"
     line += "; --max_steps N caps the steps"
@@ -54,3 +54,18 @@ def bar_enabled() -> bool:
     """tqdm redraws with carriage returns: live on a terminal, a wall of fragments in a
     log file, so logs get the periodic `step N/M` lines instead."""
     return sys.stderr.isatty()
+
+
+def step_bar(total_steps: int, initial: int, main_process: bool):
+    """The training bar: live on a terminal (main process only), off in a log."""
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=total_steps,
+        initial=initial,
+        disable=not (main_process and bar_enabled()),
+        desc="train",
+        unit="step",
+        dynamic_ncols=True,
+        file=sys.stderr,
+    )

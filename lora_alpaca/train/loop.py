@@ -23,12 +23,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lora_alpaca import checkpoint as ckpt
+from lora_alpaca.data.packing import count_supervised, pack_rows, pad_rows
 from lora_alpaca.errors import UsageError
-from lora_alpaca.loss import causal_lm_loss_sum
-from lora_alpaca.packing import count_supervised, pack_rows, pad_rows
-from lora_alpaca.progress import bar_enabled, duration, run_estimate
-from lora_alpaca.train_config import RESUME_KEYS, FinetuneConfig
+from lora_alpaca.log import log
+from lora_alpaca.progress import duration, run_estimate, step_bar
+from lora_alpaca.train import checkpoint as ckpt
+from lora_alpaca.train.config import RESUME_KEYS, FinetuneConfig
+from lora_alpaca.train.loss import causal_lm_loss_sum
 
 
 class TrainingStopped(Exception):
@@ -99,7 +100,7 @@ def check_resume(saved: dict, now: dict, force: bool) -> None:
             + "); resume with the original flags, or pass --force_resume"
         )
     if diff:
-        print(f"warning: resuming with changed settings: {'; '.join(diff)}", file=sys.stderr)
+        log(f"warning: resuming with changed settings: {'; '.join(diff)}")
 
 
 class StopFlag:
@@ -221,7 +222,7 @@ def train_loop(
     )
 
     def save(position: Position) -> Path | None:
-        from lora_alpaca.lora_setup import lora_state_dict
+        from lora_alpaca.train.lora_setup import lora_state_dict
 
         if not accelerator.is_main_process:
             return None
@@ -263,17 +264,7 @@ def train_loop(
         eval_s = time.time() - started
         pos.eval_history.append({"step": 0, "eval_loss": ev})
         log(f"step 0/{total_steps} | eval loss {ev:.4f} (before training, {duration(eval_s)})")
-    from tqdm.auto import tqdm
-
-    bar = tqdm(
-        total=total_steps,
-        initial=pos.global_step,
-        disable=not (accelerator.is_main_process and bar_enabled()),
-        desc="train",
-        unit="step",
-        dynamic_ncols=True,
-        file=sys.stderr,
-    )
+    bar = step_bar(total_steps, pos.global_step, accelerator.is_main_process)
     # Rates and the bar are timed from here: the first optimizer step.
     zero_streak, t0, tokens_at_start = 0, time.time(), pos.tokens_seen
     first_step = pos.global_step + 1
@@ -349,25 +340,8 @@ def train_loop(
                 )
             rate = (pos.tokens_seen - tokens_at_start) / max(time.time() - t0, 1e-9)
             if pos.global_step == first_step and pos.global_step < total_steps:
-                steps_left = total_steps - pos.global_step
-                evals_left = len(
-                    {total_steps}
-                    | {
-                        k
-                        for k in range(pos.global_step + 1, total_steps + 1)
-                        if cfg.eval_steps and k % cfg.eval_steps == 0
-                    }
-                )
-                log(
-                    run_estimate(
-                        time.time() - t0,
-                        steps_left,
-                        eval_s,
-                        evals_left if eval_s else 0,
-                        accelerator.device.type == "cuda",
-                    ),
-                    bar,
-                )
+                log(run_estimate(time.time() - t0, pos.global_step, total_steps, eval_s,
+                                 cfg.eval_steps if val_rows else 0, accelerator.device.type == "cuda"), bar)  # fmt: skip
             bar.update(1)
             bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.1e}", tok_s=f"{rate:.0f}")
             if pos.global_step % cfg.logging_steps == 0 or pos.global_step == total_steps:

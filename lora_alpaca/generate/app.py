@@ -9,7 +9,8 @@ from pathlib import Path
 
 from lora_alpaca import cli
 from lora_alpaca.errors import UsageError
-from lora_alpaca.generation import MODES, DecodingSettings
+from lora_alpaca.generate.engine import MODES, DecodingSettings
+from lora_alpaca.log import log
 
 F = cli.field
 
@@ -114,7 +115,7 @@ def check_flags(cfg: GenerateConfig) -> DecodingSettings:
 
 
 def main(cfg: GenerateConfig) -> int:
-    from lora_alpaca.batch_generate import check_output_path, read_prompt_rows
+    from lora_alpaca.generate.batch import check_output_path, read_prompt_rows
 
     settings = check_flags(cfg)
     rows = read_prompt_rows(cfg.input_file) if cfg.input_file else None
@@ -122,7 +123,7 @@ def main(cfg: GenerateConfig) -> int:
     if cfg.probe_report:
         check_output_path(cfg.probe_report)
 
-    from lora_alpaca.inference import LoadRequest, load_generator
+    from lora_alpaca.generate.loading import LoadRequest, load_generator
 
     loaded = load_generator(
         LoadRequest(
@@ -136,16 +137,17 @@ def main(cfg: GenerateConfig) -> int:
         )
     )
     gen = loaded.generator
-    print(f"[generate] {loaded.description}", file=sys.stderr, flush=True)
+    log(loaded.description, tag="generate")
 
     if rows is not None:
-        from lora_alpaca.batch_generate import generate_rows, write_jsonl_atomic, write_text_atomic
+        from lora_alpaca.fileio import write_jsonl_atomic, write_text_atomic
+        from lora_alpaca.generate.batch import generate_rows
 
         answered = generate_rows(gen, rows, settings, cfg.batch_size)
         write_jsonl_atomic(out, answered)
-        print(f"[generate] wrote {len(answered)} rows to {out}", file=sys.stderr)
+        log(f"wrote {len(answered)} rows to {out}", tag="generate")
         if cfg.probe_report:
-            from lora_alpaca.probe import probe, report_markdown
+            from lora_alpaca.generate.probe import probe, report_markdown
 
             setup = (
                 f"{loaded.description}; {cfg.input_file}; {settings.mode}, "
@@ -176,7 +178,7 @@ def main(cfg: GenerateConfig) -> int:
         )
         return 0
 
-    from lora_alpaca.ui import ServerLimits, build_demo, launch
+    from lora_alpaca.generate.ui import ServerLimits, build_demo, launch
 
     limits = ServerLimits(cfg.max_input_chars, cfg.max_new_tokens_limit, cfg.concurrency_limit)
     launch(
@@ -186,3 +188,17 @@ def main(cfg: GenerateConfig) -> int:
         cfg.share,
     )
     return 0
+
+
+HELP = """Sample from a fine-tuned adapter (or a base / merged model): browser UI, one prompt, or a file.
+
+\b
+python generate.py --lora_weights ./lora-alpaca                       # sampler on 127.0.0.1:7860
+python generate.py --lora_weights ./lora-alpaca --prompt "Tell me about alpacas."
+python generate.py --input_file prompts.jsonl --output_file out.jsonl  # batches, default base
+"""
+
+
+def console_main() -> None:
+    """The `lora-alpaca-generate` console command (same flags as generate.py)."""
+    cli.run(cli.build_command(GenerateConfig, main, help=HELP))

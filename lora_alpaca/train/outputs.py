@@ -8,8 +8,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from lora_alpaca.adapter_card import adapter_card
-from lora_alpaca.manifest import MANIFEST_NAME, write_json_atomic, write_manifest
+from lora_alpaca.fileio import write_json_atomic
+from lora_alpaca.runfolder import MANIFEST_NAME, write_manifest
+from lora_alpaca.train.adapter_card import adapter_card
 
 
 def library_versions() -> dict:
