@@ -33,10 +33,18 @@ def field(
     choices: list[str] | None = None,
     aliases: tuple = (),
     multiple: bool = False,
+    section: str | None = None,
 ):
     """A dataclass field with the metadata `build_command` reads (`multiple`: the flag may
-    be repeated, `--x a --x b`, and the field holds a list or None)."""
-    meta = {"help": help, "choices": choices, "aliases": aliases, "multiple": multiple}
+    be repeated, `--x a --x b`, and the field holds a list or None; `section` titles its
+    group in --help)."""
+    meta = {
+        "help": help,
+        "choices": choices,
+        "aliases": aliases,
+        "multiple": multiple,
+        "section": section,
+    }
     if isinstance(default, list):
         return dataclasses.field(default_factory=lambda: list(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -166,7 +174,10 @@ def build_command(cls: type, main: Callable[[Any], int | None], help: str) -> cl
         elif tp is bool:
             # `--flag` alone means true; `--flag false` also works (fire-style).
             kwargs.update(is_flag=False, flag_value="true")
-        params.append(click.Option(decls, **kwargs))
+            kwargs["help"] += " A bare --" + f.name + " means true."
+        option = click.Option(decls, **kwargs)
+        option.help_section = f.metadata.get("section")
+        params.append(option)
     params.append(
         click.Option(
             ["--config"],
@@ -190,13 +201,34 @@ def build_command(cls: type, main: Callable[[Any], int | None], help: str) -> cl
         cfg = resolve_config(cls, kwargs, explicit, config)
         return main(cfg)
 
-    return click.Command(
+    return SectionedCommand(
         name=Path(sys.argv[0]).name,
         params=params,
         callback=callback,
         help=help,
         context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
     )
+
+
+class SectionedCommand(click.Command):
+    """--help with the options grouped under their fields' `section` titles, in field
+    order (click prints one flat list; a 60-flag script needs headings)."""
+
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        groups: dict[str, list[tuple[str, str]]] = {}
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx)
+            if record is None:
+                continue
+            title = getattr(param, "help_section", None) or (
+                "Config and debugging"
+                if param.name in ("config", "debug") or param is self.get_help_option(ctx)
+                else "Options"
+            )
+            groups.setdefault(title, []).append(record)
+        for title, records in groups.items():
+            with formatter.section(title):
+                formatter.write_dl(records)
 
 
 def run(command: click.Command, argv: list[str] | None = None) -> None:
@@ -207,6 +239,9 @@ def run(command: click.Command, argv: list[str] | None = None) -> None:
     # (datasets cache, save_pretrained, gradio temp files); a stricter user umask is kept.
     os.umask(os.umask(0o022) | 0o002)
     debug = "--debug" in argv or os.environ.get("LORA_ALPACA_DEBUG") == "1"
+    from lora_alpaca.quiet import quiet_progress_bars_unless_terminal
+
+    quiet_progress_bars_unless_terminal()
     try:
         rc = command.main(argv, standalone_mode=False)
     except click.exceptions.NoArgsIsHelpError as e:  # pragma: no cover - not used

@@ -119,8 +119,9 @@ def model_card(info: AdapterInfo, record: dict) -> str:
         base=base,
         adapter_name=info.dir.resolve().name,
         adapter=info.dir.resolve(),
-        r=lora.get("r"),
-        targets=", ".join(lora.get("target_modules") or []),
+        # The manifest stores the finetune flags (lora_r, lora_target_modules).
+        r=lora.get("lora_r", lora.get("r")),
+        targets=", ".join(lora.get("lora_target_modules") or lora.get("target_modules") or []),
         quantization=info.quantization,
         merge_base=record["merge_base"],
         template=info.template.name,

@@ -145,9 +145,7 @@ def run_prompt(
         margins.append(float(top2.values[0] - top2.values[1]))
         if eos_id is not None and nxt == eos_id:
             break
-        out = model(
-            input_ids=torch.tensor([[nxt]]), past_key_values=out.past_key_values, use_cache=True
-        )
+        out = model(input_ids=torch.tensor([[nxt]]), cache=out.cache, use_cache=True)
         step = out.logits[0, -1].float()
     return logits, tokens, margins
 

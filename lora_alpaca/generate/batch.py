@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 from lora_alpaca.errors import UsageError
 from lora_alpaca.generate.engine import DecodingSettings, TextGenerator
+from lora_alpaca.progress import bar_enabled
 
 
 def _row_fields(row: object, where: str) -> dict:
@@ -89,10 +91,13 @@ def generate_rows(
     lengths = [gen.prompt_tokens(p) for p in prompts]
     order = sorted(range(len(rows)), key=lambda i: lengths[i])
     results: list[dict | None] = [None] * len(rows)
-    bar = tqdm(
-        total=len(rows), desc="generating", unit="row", file=sys.stderr, disable=not progress
-    )
+    live = progress and bar_enabled()
+    bar = tqdm(total=len(rows), desc="generating", unit="row", file=sys.stderr, disable=not live)
+    last_line = time.time()
     for start in range(0, len(order), batch_size):
+        if progress and not live and time.time() - last_line > 30:  # a log: a line per 30 s
+            print(f"[generate] {start:,}/{len(rows):,} rows", file=sys.stderr, flush=True)
+            last_line = time.time()
         idx = order[start : start + batch_size]
         for i, res in zip(idx, gen.generate([prompts[i] for i in idx], settings), strict=True):
             results[i] = {

@@ -26,6 +26,7 @@ from torch import nn
 from lora_alpaca.data.packing import count_supervised, pack_rows, pad_rows
 from lora_alpaca.errors import UsageError
 from lora_alpaca.log import log
+from lora_alpaca.progress import duration, run_estimate, step_bar
 from lora_alpaca.train import checkpoint as ckpt
 from lora_alpaca.train.config import RESUME_KEYS, FinetuneConfig
 from lora_alpaca.train.loss import causal_lm_loss_sum
@@ -248,27 +249,25 @@ def train_loop(
             cfg.save_total_limit,
         )
 
-    from tqdm.auto import tqdm
-
-    bar = tqdm(
-        total=total_steps,
-        initial=pos.global_step,
-        disable=not accelerator.is_main_process,
-        desc="train",
-        unit="step",
-        dynamic_ncols=True,
-        file=sys.stderr,
-    )
-    zero_streak, t0, tokens_at_start = 0, time.time(), pos.tokens_seen
     # Fault-injection hooks for the reliability tests: poison the loss, or have the process
     # send itself a real signal, right after a given step.
     nan_step = int(os.environ.get("LORA_ALPACA_FAULT_NAN_STEP", "0"))
     signal_step = int(os.environ.get("LORA_ALPACA_FAULT_SIGNAL_STEP", "0"))
     row_log = os.environ.get("LORA_ALPACA_ROW_LOG")  # which rows each step trained on
+    # The pre-training evaluation gets its own lines, before the bar exists: on CPU it can
+    # take minutes, and inside the bar it would sit at 0/N and spoil the first rate.
+    eval_s = 0.0
     if val_rows and pos.global_step == 0:
+        log(f"evaluating on {len(val_rows):,} validation rows before training ...")
+        started = time.time()
         ev = evaluate(module, val_rows, cfg, accelerator, autocast, batcher)
+        eval_s = time.time() - started
         pos.eval_history.append({"step": 0, "eval_loss": ev})
-        log(f"step 0/{total_steps} | eval loss {ev:.4f} (before training)")
+        log(f"step 0/{total_steps} | eval loss {ev:.4f} (before training, {duration(eval_s)})")
+    bar = step_bar(total_steps, pos.global_step, accelerator.is_main_process)
+    # Rates and the bar are timed from here: the first optimizer step.
+    zero_streak, t0, tokens_at_start = 0, time.time(), pos.tokens_seen
+    first_step = pos.global_step + 1
     module.train()
     with StopFlag() as stop:
         while pos.global_step < total_steps:
@@ -340,6 +339,9 @@ def train_loop(
                     f"learning rate is 0 at step {pos.global_step}, after warmup: check --learning_rate and --lr_scheduler"
                 )
             rate = (pos.tokens_seen - tokens_at_start) / max(time.time() - t0, 1e-9)
+            if pos.global_step == first_step and pos.global_step < total_steps:
+                log(run_estimate(time.time() - t0, pos.global_step, total_steps, eval_s,
+                                 cfg.eval_steps if val_rows else 0, accelerator.device.type == "cuda"), bar)  # fmt: skip
             bar.update(1)
             bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.1e}", tok_s=f"{rate:.0f}")
             if pos.global_step % cfg.logging_steps == 0 or pos.global_step == total_steps:

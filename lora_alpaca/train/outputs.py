@@ -10,6 +10,7 @@ from pathlib import Path
 
 from lora_alpaca.fileio import write_json_atomic
 from lora_alpaca.runfolder import MANIFEST_NAME, write_manifest
+from lora_alpaca.train.adapter_card import adapter_card
 
 
 def library_versions() -> dict:
@@ -76,6 +77,8 @@ def write_final_outputs(
     try:
         peft_model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        # Our own card, not peft's template of "[More Information Needed]".
+        (tmp / "README.md").write_text(adapter_card(output_dir, manifest, run_info))
         plot_loss_curve(history, eval_history, tmp / "loss_curve.png")
         write_json_atomic(tmp / "run.json", run_info)
         for item in tmp.iterdir():

@@ -17,6 +17,7 @@ import torch
 
 from lora_alpaca.errors import UsageError
 from lora_alpaca.log import log
+from lora_alpaca.progress import human_summary
 from lora_alpaca.train import checkpoint as ckpt
 from lora_alpaca.train.config import LORA_KEYS, FinetuneConfig, validate
 
@@ -269,6 +270,11 @@ def run_training(cfg: FinetuneConfig) -> int:
                 "val_rows": len(val_rows),
                 "val_sample": val_sample(cfg, prepared),
             },
+            "audit": {
+                k: getattr(prepared.audit, k)
+                for k in ("rows_read", "rows_kept", "skipped", "truncated_rows")
+                + ("total_tokens", "supervised_tokens")
+            },
             "seed": cfg.seed,
             "world_size": accelerator.num_processes,
             "device": str(device),
@@ -292,7 +298,7 @@ def run_training(cfg: FinetuneConfig) -> int:
             f"adapter verified: {check['lora_modules']} LoRA modules, {check['nonzero_lora_B']} trained lora_B, {check['bytes']:,} bytes"
         )
         log(
-            f"done: {output_dir} (train loss {final_train}, eval loss {final_eval}, {run_info['tokens_per_s']} tok/s)"
+            f"done: {output_dir} ({human_summary(final_train, final_eval, run_info['tokens_per_s'], run_info.get('wall_time_s'))})"
         )
     accelerator.wait_for_everyone()
     accelerator.end_training()
