@@ -21,6 +21,7 @@ from pathlib import Path
 SEED = 20261126
 N_TRAIN = 300
 N_EVAL = 40
+N_REBALANCE = 25  # see rebalance()
 HERE = Path(__file__).resolve().parent
 TRAIN_FILE = HERE / "quickstart.json"
 EVAL_FILE = HERE / "quickstart_eval.json"
@@ -185,7 +186,41 @@ def generate(seed: int = SEED) -> tuple[list[dict], list[dict]]:
     # (also balanced), the train rows are shuffled so batches mix the tasks.
     train, held_out = rows[:N_TRAIN], rows[N_TRAIN:]
     rng.shuffle(train)
-    return train, held_out
+    return rebalance(train, seen), held_out
+
+
+def task_of(row: dict) -> str:
+    if row["output"].startswith("{"):
+        return "person"
+    return "sentiment" if row["output"] in ("positive", "negative") else "date"
+
+
+def rebalance(train: list[dict], seen: set[tuple[str, str]]) -> list[dict]:
+    """Trade N_REBALANCE sentiment and date rows for twice as many JSON rows (same size,
+    same number of steps; the held-out rows are unchanged).
+
+    Why: inside a JSON string a word is tokenized without its leading space ("Noah" is
+    `No` + `ah` after ` "`), while the prompt's sentence has it as one word token
+    (` Noah`). The model must learn to re-spell every name and job it copies; with ~3
+    examples per name it copied the prompt's token instead (`{"name": " Noah"}`). The two
+    other tasks were already learned (sentiment 14/14) and have no such mismatch."""
+    rng = random.Random(SEED + 1)
+    drop = {"sentiment": N_REBALANCE, "date": N_REBALANCE}
+    kept = []
+    for row in train:
+        task = task_of(row)
+        if drop.get(task):
+            drop[task] -= 1
+            continue
+        kept.append(row)
+    while len(kept) < len(train):
+        row = person_row(rng)
+        key = (row["instruction"], row["input"])
+        if key not in seen:
+            seen.add(key)
+            kept.append(row)
+    rng.shuffle(kept)
+    return kept
 
 
 def dump(rows: list[dict]) -> str:

@@ -29,9 +29,24 @@ TRUE = {"true", "1", "yes", "y", "on"}
 FALSE = {"false", "0", "no", "n", "off"}
 
 
-def field(default: Any, help: str, choices: list[str] | None = None, aliases: tuple = ()):
-    """A dataclass field with the metadata `build_command` reads."""
-    meta = {"help": help, "choices": choices, "aliases": aliases}
+def field(
+    default: Any,
+    help: str,
+    choices: list[str] | None = None,
+    aliases: tuple = (),
+    multiple: bool = False,
+    section: str | None = None,
+):
+    """A dataclass field with the metadata `build_command` reads (`multiple`: the flag may
+    be repeated, `--x a --x b`, and the field holds a list or None; `section` titles its
+    group in --help)."""
+    meta = {
+        "help": help,
+        "choices": choices,
+        "aliases": aliases,
+        "multiple": multiple,
+        "section": section,
+    }
     if isinstance(default, list):
         return dataclasses.field(default_factory=lambda: list(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -247,7 +262,7 @@ def resolve_config(cls: type, cli_values: dict, explicit: set[str], config_file:
                 raise UsageError(f"--config {config_file}: {name}: expected a single value")
     for name in explicit:
         values[name] = cli_values[name]
-    from lora_alpaca.outpaths import check_name_lengths
+    from lora_alpaca.fileio import check_name_lengths
 
     check_name_lengths(values)
     for name in ("seed",):
@@ -268,10 +283,16 @@ def build_command(cls: type, main: Callable[[Any], int | None], help: str) -> cl
         decls = [f"--{f.name}", *f.metadata["aliases"], f.name]
         kwargs: dict[str, Any] = dict(type=ptype, default=shown, help=f.metadata["help"])
         kwargs["show_default"] = shown not in (None, "")
-        if tp is bool:
+        if f.metadata.get("multiple"):
+            kwargs.update(type=click.STRING, multiple=True, default=())
+            kwargs["show_default"] = False
+        elif tp is bool:
             # `--flag` alone means true; `--flag false` also works (fire-style).
             kwargs.update(is_flag=False, flag_value="true")
-        params.append(click.Option(decls, **kwargs))
+            kwargs["help"] += " A bare --" + f.name + " means true."
+        option = click.Option(decls, **kwargs)
+        option.help_section = f.metadata.get("section")
+        params.append(option)
     params.append(
         click.Option(
             ["--config"],
@@ -289,16 +310,40 @@ def build_command(cls: type, main: Callable[[Any], int | None], help: str) -> cl
             for name in kwargs
             if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE
         }
+        for f in dataclasses.fields(cls):  # repeated flags arrive as a tuple
+            if f.metadata.get("multiple"):
+                kwargs[f.name] = list(kwargs[f.name]) or None
         cfg = resolve_config(cls, kwargs, explicit, config)
         return main(cfg)
 
-    return click.Command(
+    return SectionedCommand(
         name=Path(sys.argv[0]).name,
         params=params,
         callback=callback,
         help=help,
         context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
     )
+
+
+class SectionedCommand(click.Command):
+    """--help with the options grouped under their fields' `section` titles, in field
+    order (click prints one flat list; a 60-flag script needs headings)."""
+
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        groups: dict[str, list[tuple[str, str]]] = {}
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx)
+            if record is None:
+                continue
+            title = getattr(param, "help_section", None) or (
+                "Config and debugging"
+                if param.name in ("config", "debug") or param is self.get_help_option(ctx)
+                else "Options"
+            )
+            groups.setdefault(title, []).append(record)
+        for title, records in groups.items():
+            with formatter.section(title):
+                formatter.write_dl(records)
 
 
 def run(command: click.Command, argv: list[str] | None = None) -> None:
@@ -309,6 +354,9 @@ def run(command: click.Command, argv: list[str] | None = None) -> None:
     # (datasets cache, save_pretrained, gradio temp files); a stricter user umask is kept.
     os.umask(os.umask(0o022) | 0o002)
     debug = "--debug" in argv or os.environ.get("LORA_ALPACA_DEBUG") == "1"
+    from lora_alpaca.quiet import quiet_progress_bars_unless_terminal
+
+    quiet_progress_bars_unless_terminal()
     try:
         rc = command.main(argv, standalone_mode=False)
     except click.exceptions.NoArgsIsHelpError as e:  # pragma: no cover - not used

@@ -7,13 +7,13 @@ import json
 import os
 import pickle
 import re
-import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from lora_alpaca.constants import DTYPES
 from lora_alpaca.default_model import (
     DEFAULT_BASE_MODEL,
     convert_gguf,
@@ -127,9 +127,7 @@ def _hub_error(ref: BaseModelRef, what: str, e: Exception) -> UsageError:
             f"--base_model {ref.name}: could not load {what} from the Hugging Face hub "
             f"(offline or unknown id: {type(e).__name__}); download it and pass the local folder"
         )
-    return UsageError(
-        f"--base_model {ref.name}: could not load {what} ({shorten(e)})"
-    )
+    return UsageError(f"--base_model {ref.name}: could not load {what} ({shorten(e)})")
 
 
 def load_config(ref: BaseModelRef, trust_remote_code: bool = False):
@@ -191,9 +189,6 @@ class Precision:
     weights: torch.dtype
     autocast: torch.dtype | None
     label: str
-
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def resolve_precision(dtype: str, device: torch.device, quantization: str = "none") -> Precision:
@@ -296,7 +291,3 @@ def load_model(
     if qconfig is None:
         model.to(device)
     return model
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from lora_alpaca.errors import UsageError
-from lora_alpaca.outpaths import inside
+from lora_alpaca.fileio import inside
 
 LOCK_NAME = ".lora_alpaca.lock"
 

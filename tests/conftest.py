@@ -78,4 +78,5 @@ def quickstart_run(tmp_path_factory, smollm2) -> Path:
     args = readme_quickstart_commands()["finetune.py"] + ["--output_dir", str(out)]
     r = run_script("finetune.py", *args, timeout=1800, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
+    (out.parent / "finetune.stderr").write_text(r.stderr)  # what the user saw
     return out

@@ -331,8 +331,8 @@ def test_no_space_for_a_run_is_refused_before_model_load(shared, tmp_path, capsy
 
 
 def test_val_set_size_fraction_on_cli_and_yaml(shared, tmp_path):
-    from lora_alpaca.data import effective_val_size
-    from lora_alpaca.train_config import FinetuneConfig
+    from lora_alpaca.data.pipeline import effective_val_size
+    from lora_alpaca.train.config import FinetuneConfig
 
     assert effective_val_size(0.1, 48) == (5, None)
     for argv in (["--val_set_size", "0.1"], ["--config", str(tmp_path / "c.yaml")]):
@@ -357,7 +357,7 @@ def test_max_new_tokens_is_capped_at_the_model_context(shared, tmp_path):
 
 def test_write_atomic_never_replaces_a_symlink(tmp_path):
     from lora_alpaca.errors import UsageError
-    from lora_alpaca.manifest import write_text_atomic
+    from lora_alpaca.fileio import write_text_atomic
 
     target = tmp_path / "real.txt"
     target.write_text("keep")
@@ -368,7 +368,7 @@ def test_write_atomic_never_replaces_a_symlink(tmp_path):
 
 
 def test_audit_recommendation_is_capped_at_the_model_context():
-    from lora_alpaca.audit import Audit, format_audit
+    from lora_alpaca.data.audit import Audit, format_audit
 
     audit = Audit(source="d.json", template="alpaca", cutoff_len=512, train_on_inputs=False,
                   add_eos_token=True, overlength="truncate", recommended_cutoff_len=4096,

@@ -184,6 +184,8 @@ def test_export_folder_contents(exported, trained):
     run = json.loads((trained / "run.json").read_text())
     assert manifest["base_model"]["name"] in card
     assert "alpaca" in card and run["data"]["path"] in card
+    # The LoRA settings come from the manifest (lora_r / lora_target_modules).
+    assert "(r=4, targets q_proj, v_proj)" in card, card
     report = json.loads((exported / "parity.json").read_text())
     assert report["passed"] and len(report["prompts"]) == 4
     # held-out prompts come from the training data named in run.json, in the adapter's template
@@ -485,7 +487,7 @@ def test_smollm2_merge_passes_parity(quickstart_run, tmp_path):
 
 
 def test_parity_prompt_sources(tmp_path, alpaca_json):
-    from lora_alpaca.parity import BUILTIN_PROMPTS, parity_prompts
+    from lora_alpaca.export.parity import BUILTIN_PROMPTS, parity_prompts
     from lora_alpaca.prompts import load_template
 
     template = load_template("alpaca")

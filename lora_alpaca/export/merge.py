@@ -1,0 +1,219 @@
+"""Merge a trained LoRA adapter into its base model and write a plain transformers folder.
+
+The adapter folder (finetune.py's output) says which base and template it belongs to
+(`lora_alpaca.json`); the base is always loaded unquantized for merging, because merging
+into int8/nf4 weights would re-quantize the sum and lose most of the adapter. The export is
+written into a private temp folder beside `--output_dir` and renamed at the end, so a crash
+never leaves a half-written model where a finished one is expected.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from lora_alpaca.errors import UsageError
+from lora_alpaca.export.adapter import (
+    AdapterInfo,
+    attach_adapter,
+    load_base,
+    load_tokenizer_for,
+    read_adapter,
+)
+from lora_alpaca.export.output import (
+    model_card,
+    prepare_output,
+    publish,
+    write_hf_folder,
+)
+from lora_alpaca.fileio import discard
+from lora_alpaca.models import load_config
+
+
+def dequantize_into(plain, quantized) -> int:
+    """Copy the dequantized nf4/int8 weights of `quantized` into the fp32 `plain` model.
+
+    This is the base the adapter actually saw during QLoRA training; merging onto it
+    reproduces the adapter's outputs, merging onto the original weights does not quite.
+    Returns the number of weights replaced.
+    """
+    from peft.utils.integrations import dequantize_module_weight
+
+    plain_modules = dict(plain.named_modules())
+    replaced = 0
+    with torch.no_grad():
+        for name, module in quantized.named_modules():
+            if type(module).__name__ in ("Linear4bit", "Linear8bitLt"):
+                weight = dequantize_module_weight(module).to(torch.float32)
+                plain_modules[name].weight.copy_(weight)
+                replaced += 1
+    return replaced
+
+
+def merge_adapter(peft_model):
+    """peft's merge, then a check that it really merged (alpaca-lora's exporter once
+    silently returned the unmerged base on a newer peft)."""
+    merged = peft_model.merge_and_unload()
+    leftovers = [n for n, _ in merged.named_modules() if "lora_" in n]
+    if leftovers:
+        raise RuntimeError(f"peft merge left LoRA modules behind: {leftovers[:3]}")
+    return merged
+
+
+# --- the export run -------------------------------------------------------------------
+
+EXPORT_RECORD = "export.json"
+
+
+def resolve_merge_base(choice: str, info: AdapterInfo) -> str:
+    if choice == "auto":
+        return "dequantized" if info.quantization in ("4bit", "8bit") else "original"
+    if choice == "dequantized" and info.quantization not in ("4bit", "8bit"):
+        raise UsageError(
+            f"--merge_base dequantized: the adapter was trained on an unquantized base "
+            f"(quantization {info.quantization!r}); there is nothing to dequantize, use original"
+        )
+    return choice
+
+
+def merged_model(info: AdapterInfo, merge_base: str, cfg, tokenizer=None, prompts=None):
+    """(merged fp32 model, reference outputs of base+adapter before merging or None)."""
+    from lora_alpaca.export.parity import reference_outputs
+
+    base = load_base(info, "none", cfg.allow_pickle, cfg.trust_remote_code)
+    if merge_base == "dequantized":
+        quantized = load_base(info, info.quantization, cfg.allow_pickle, cfg.trust_remote_code)
+        dequantize_into(base, quantized)
+        del quantized
+    peft_model = attach_adapter(base, info)
+    refs = reference_outputs(peft_model, tokenizer, prompts) if prompts else None
+    return merge_adapter(peft_model), refs
+
+
+def compare_merge_bases(info: AdapterInfo, chosen: str, merged, tokenizer, prompts, cfg) -> dict:
+    """Both merge bases against the adapter as trained (quantized base + LoRA)."""
+    from lora_alpaca.export.parity import rank_candidates, reference_outputs
+
+    flags = (cfg.allow_pickle, cfg.trust_remote_code)
+    trained = attach_adapter(load_base(info, info.quantization, *flags), info)
+    refs = reference_outputs(trained, tokenizer, prompts, n_greedy=0)
+    del trained
+    other = "original" if chosen == "dequantized" else "dequantized"
+    candidates = {chosen: merged, other: merged_model(info, other, cfg)[0]}
+    return {"exported": chosen, **rank_candidates(refs, candidates, tokenizer.eos_token_id)}
+
+
+def _write_report(out: Path, report: dict) -> None:
+    from lora_alpaca.export.parity import REPORT_NAME
+    from lora_alpaca.fileio import write_json_atomic
+
+    write_json_atomic(out / REPORT_NAME, report)
+
+
+def run_export(cfg) -> int:
+    """The whole `export_hf_checkpoint.py` run; returns the exit code (1: parity failed)."""
+    from lora_alpaca.export.gguf import (
+        check_supported,
+        gguf_file_name,
+        tokenizer_metadata,
+        write_gguf,
+    )
+    from lora_alpaca.export.parity import check_exports, parity_prompts, summary_lines
+    from lora_alpaca.fileio import write_json_atomic
+    from lora_alpaca.log import log
+
+    if cfg.parity_prompts < 1:
+        raise UsageError(f"--parity_prompts {cfg.parity_prompts}: must be at least 1")
+    info = read_adapter(cfg.lora_weights, cfg.base_model, cfg.allow_pickle, cfg.trust_remote_code)
+    if cfg.parity_only:
+        return run_parity_only(cfg, info)
+    gguf_types = [] if cfg.gguf == "none" else [cfg.gguf]
+    if cfg.gguf_only and not gguf_types:
+        raise UsageError("--gguf_only: also pass --gguf f16 or --gguf q8_0")
+    try:  # checked now, not after minutes of merging
+        from transformers.utils.hub import convert_file_size_to_int
+
+        convert_file_size_to_int(cfg.max_shard_size)
+    except (ValueError, TypeError):
+        raise UsageError(
+            f"--max_shard_size {cfg.max_shard_size!r}: not a size; use e.g. 500MB or 2GB"
+        ) from None
+    merge_base = resolve_merge_base(cfg.merge_base, info)
+    tokenizer = load_tokenizer_for(info, cfg.trust_remote_code)
+    if gguf_types:  # refuse unsupported models before any heavy work or any disk write
+        base_config = load_config(info.base, cfg.trust_remote_code)
+        check_supported(base_config)
+        tokenizer_metadata(tokenizer, base_config.vocab_size)
+    tmp = prepare_output(cfg.output_dir)
+    try:
+        prompts = parity_prompts(info.template, info.run, cfg.parity_prompts)
+        log(f"merging {info.dir} into {info.base.name} (merge base: {merge_base})")
+        merged, refs = merged_model(info, merge_base, cfg, tokenizer, prompts)
+        record = {
+            "adapter": str(info.dir.resolve()),
+            "base_model": info.manifest["base_model"]["name"],
+            "merge_base": merge_base,
+            "dtype": cfg.dtype,
+            "transformers": not cfg.gguf_only,
+            "gguf": gguf_types,
+            "template": {"name": info.template.name, **info.template.to_dict()},
+        }
+        report: dict = {"prompts": prompts}
+        if info.quantization in ("4bit", "8bit"):
+            log("comparing merge bases against the adapter on its quantized base")
+            report["merge_base"] = compare_merge_bases(
+                info, merge_base, merged, tokenizer, prompts, cfg
+            )
+        name = f"{Path(info.manifest['base_model']['name']).name}-{info.dir.resolve().name}"
+        for qtype in gguf_types:  # before the HF write, which rounds `merged` in place
+            log(f"writing {gguf_file_name(qtype)}")
+            write_gguf(
+                merged,
+                tokenizer,
+                info.template,
+                tmp / gguf_file_name(qtype),
+                qtype,
+                name,
+                stop_strings=info.stop_strings,
+            )
+        if not cfg.gguf_only:
+            log(f"writing the transformers checkpoint ({cfg.dtype})")
+            write_hf_folder(merged, tokenizer, info, tmp, cfg.dtype, cfg.max_shard_size)
+        del merged
+        write_json_atomic(tmp / EXPORT_RECORD, record)
+        (tmp / "README.md").write_text(model_card(info, record), encoding="utf-8")
+        log("parity check")
+        report["checks"] = check_exports(tmp, refs, info, record)
+        report["passed"] = all(s["passed"] for s in report["checks"])
+        _write_report(tmp, report)
+    except BaseException:
+        discard(tmp)
+        raise
+    out = publish(tmp, cfg.output_dir)
+    for line in summary_lines(report):
+        print(line)
+    print(f"wrote {out}" + ("" if report["passed"] else f"; parity FAILED, see {out}/parity.json"))
+    return 0 if report["passed"] else 1
+
+
+def run_parity_only(cfg, info: AdapterInfo) -> int:
+    """Re-check an existing export folder against its adapter (`--parity_only`)."""
+    from lora_alpaca.export.parity import check_exports, parity_prompts, summary_lines
+
+    out = Path(cfg.output_dir or "")
+    if not cfg.output_dir or not (out / EXPORT_RECORD).is_file():
+        raise UsageError(
+            f"--parity_only: --output_dir {cfg.output_dir!r} is not an export folder (no {EXPORT_RECORD})"
+        )
+    record = json.loads((out / EXPORT_RECORD).read_text(encoding="utf-8"))
+    tokenizer = load_tokenizer_for(info, cfg.trust_remote_code)
+    prompts = parity_prompts(info.template, info.run, cfg.parity_prompts)
+    _, refs = merged_model(info, record["merge_base"], cfg, tokenizer, prompts)
+    report = {"prompts": prompts, "checks": check_exports(out, refs, info, record)}
+    report["passed"] = all(s["passed"] for s in report["checks"])
+    _write_report(out, report)
+    for line in summary_lines(report):
+        print(line)
+    return 0 if report["passed"] else 1

@@ -1,0 +1,136 @@
+"""Writing an export folder: a private temp folder renamed into place at the end, the
+transformers checkpoint (sharded safetensors, config, generation config, tokenizer) and a
+short model card naming base, adapter, template and training data."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from lora_alpaca.constants import DTYPES
+from lora_alpaca.errors import UsageError
+from lora_alpaca.export.adapter import AdapterInfo
+from lora_alpaca.fileio import check_writable_dir, temp_dir_beside
+
+
+def prepare_output(output_dir: str, must_be_empty: bool = True) -> Path:
+    """A private temp folder beside `output_dir`; refuses to touch an existing non-empty one."""
+    if not output_dir:
+        raise UsageError("--output_dir is required: where to write the merged model")
+    out = Path(output_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--output_dir {output_dir}: exists and is not a folder")
+    if must_be_empty and out.is_dir() and any(out.iterdir()):
+        raise UsageError(
+            f"--output_dir {output_dir}: folder exists and is not empty; choose a new folder"
+        )
+    check_writable_dir("--output_dir", out)  # read-only, /proc, a parent that is a file
+    return temp_dir_beside(out)
+
+
+def publish(tmp: Path, output_dir: str) -> Path:
+    """Make the export readable (never world-writable) and move it into place in one rename."""
+    for root, dirs, files in os.walk(tmp):
+        for d in dirs:
+            os.chmod(Path(root) / d, 0o755)
+        for f in files:
+            os.chmod(Path(root) / f, 0o644)
+    os.chmod(tmp, 0o755)
+    out = Path(output_dir).expanduser()
+    if out.is_dir():
+        out.rmdir()  # empty (checked in prepare_output); rename cannot replace a folder
+    tmp.rename(out)
+    return out
+
+
+def generation_config_for(info: AdapterInfo, tokenizer):
+    from transformers import GenerationConfig
+
+    eos = [tokenizer.eos_token_id]
+    return GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=eos if len(eos) > 1 else eos[0],
+        pad_token_id=tokenizer.pad_token_id,
+        # No `stop_strings` here: transformers then demands `tokenizer=` in every
+        # generate() call, which breaks plain `model.generate(**tok(...))` and pipelines.
+        # The stop strings live in lora_alpaca.json and the model card instead.
+    )
+
+
+def write_hf_folder(
+    merged, tokenizer, info: AdapterInfo, out: Path, dtype: str, max_shard_size: str
+) -> None:
+    """Sharded safetensors + config + generation config + tokenizer files.
+
+    Casts `merged` in place, so anything that wants the fp32 merge (the GGUF writer) runs first.
+    """
+    merged.to(DTYPES[dtype])
+    merged.config.dtype = DTYPES[dtype]
+    merged.generation_config = generation_config_for(info, tokenizer)
+    try:
+        merged.save_pretrained(out, max_shard_size=max_shard_size)
+    except ValueError as e:
+        raise UsageError(
+            f"--max_shard_size {max_shard_size}: {' '.join(str(e).split())[:160]}"
+        ) from None
+    tokenizer.save_pretrained(out)
+
+
+MODEL_CARD = """---
+base_model: {base_json}
+library_name: transformers
+tags: [lora-alpaca, lora, merged]
+---
+# {adapter_name} (merged)
+
+A LoRA adapter merged into its base model by lora-alpaca's `export_hf_checkpoint.py`.
+
+- **Base model:** {base}
+- **Adapter:** {adapter} (r={r}, targets {targets})
+- **Base quantization in training:** {quantization}; merged onto the {merge_base} base weights
+- **Prompt template:** {template} ({description})
+- **Training data:** {data}
+- **Exported as:** {formats}
+
+## Prompt format
+
+The model answers prompts in the format it was fine-tuned on:
+
+```
+{prompt}
+```
+
+Stop generating at: {stops}.
+
+## Parity
+
+`parity.json` compares this export with the adapter on its base model (max |logit
+difference|, top-1 agreement, greedy continuations).
+"""
+
+
+def model_card(info: AdapterInfo, record: dict) -> str:
+    data = (info.run or {}).get("data") or {}
+    lora = info.manifest.get("lora") or {}
+    base = info.manifest["base_model"]["name"]
+    formats = [record["dtype"] + " safetensors"] if record["transformers"] else []
+    return MODEL_CARD.format(
+        base_json=json.dumps(base),
+        base=base,
+        adapter_name=info.dir.resolve().name,
+        adapter=info.dir.resolve(),
+        # The manifest stores the finetune flags (lora_r, lora_target_modules).
+        r=lora.get("lora_r", lora.get("r")),
+        targets=", ".join(lora.get("lora_target_modules") or lora.get("target_modules") or []),
+        quantization=info.quantization,
+        merge_base=record["merge_base"],
+        template=info.template.name,
+        description=info.template.description,
+        data=f"{data['path']} ({data.get('train_rows')} train / {data.get('val_rows')} validation rows)"
+        if data.get("path")
+        else "unknown (no run.json)",
+        formats=", ".join(formats + [f"GGUF {q}" for q in record["gguf"]]),
+        prompt=info.template.prompt_no_input,
+        stops=", ".join(repr(s) for s in info.stop_strings),
+    )

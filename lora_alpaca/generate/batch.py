@@ -1,0 +1,103 @@
+"""`generate.py --input_file rows --output_file out.jsonl`: answer every row in batches.
+
+Input rows: Alpaca (`instruction`, `input`), plain instruction rows (`instruction` only),
+or self-instruct rows (`instruction`, `instances: [{input}]`), as a JSON array or JSONL.
+Output: one JSON line per row, in input order, with the response and why it ended.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from lora_alpaca.errors import UsageError
+from lora_alpaca.filecheck import loads_json
+from lora_alpaca.generate.engine import DecodingSettings, TextGenerator
+from lora_alpaca.progress import bar_enabled
+
+
+def _row_fields(row: object, where: str) -> dict:
+    if not isinstance(row, dict):
+        raise UsageError(f"--input_file {where}: expected a JSON object, got {type(row).__name__}")
+    instruction = row.get("instruction")
+    if not isinstance(instruction, str) or not instruction.strip():
+        raise UsageError(f"--input_file {where}: needs a non-empty string 'instruction'")
+    input_text = row.get("input")
+    if input_text is None and isinstance(row.get("instances"), list) and row["instances"]:
+        first = row["instances"][0]
+        input_text = first.get("input") if isinstance(first, dict) else None
+    if input_text is not None and not isinstance(input_text, str):
+        raise UsageError(f"--input_file {where}: 'input' must be a string")
+    out = {"instruction": instruction, "input": input_text or ""}
+    if "id" in row:
+        out["id"] = row["id"]
+    return out
+
+
+def read_prompt_rows(path: str) -> list[dict]:
+    """Rows from a .json array or .jsonl file; one-line errors naming the file and row."""
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"--input_file: no such file {path!r}")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UsageError(f"--input_file {path}: not UTF-8 text") from None
+    if text.lstrip().startswith("["):
+        try:
+            data = loads_json(text, f"--input_file {path}")
+        except json.JSONDecodeError as e:
+            raise UsageError(
+                f"--input_file {path}: invalid JSON at line {e.lineno}: {e.msg}"
+            ) from None
+        rows = [_row_fields(r, f"{path} row {i}") for i, r in enumerate(data)]
+    else:
+        rows = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                obj = loads_json(line, f"--input_file {path} line {n}")
+            except json.JSONDecodeError as e:
+                raise UsageError(f"--input_file {path} line {n}: invalid JSON ({e.msg})") from None
+            rows.append(_row_fields(obj, f"{path} line {n}"))
+    if not rows:
+        raise UsageError(f"--input_file {path}: no rows")
+    return rows
+
+
+def generate_rows(
+    gen: TextGenerator,
+    rows: list[dict],
+    settings: DecodingSettings,
+    batch_size: int,
+    progress: bool = True,
+) -> list[dict]:
+    """Answers for every row, in input order. Rows are batched by prompt length (less
+    padding), which does not change greedy answers: batched equals one-by-one."""
+    from tqdm import tqdm
+
+    prompts = [gen.prompt_for(r["instruction"], r["input"]) for r in rows]
+    lengths = [gen.prompt_tokens(p) for p in prompts]
+    order = sorted(range(len(rows)), key=lambda i: lengths[i])
+    results: list[dict | None] = [None] * len(rows)
+    live = progress and bar_enabled()
+    bar = tqdm(total=len(rows), desc="generating", unit="row", file=sys.stderr, disable=not live)
+    last_line = time.time()
+    for start in range(0, len(order), batch_size):
+        if progress and not live and time.time() - last_line > 30:  # a log: a line per 30 s
+            print(f"[generate] {start:,}/{len(rows):,} rows", file=sys.stderr, flush=True)
+            last_line = time.time()
+        idx = order[start : start + batch_size]
+        for i, res in zip(idx, gen.generate([prompts[i] for i in idx], settings), strict=True):
+            results[i] = {
+                **rows[i],
+                "response": res.text,
+                "finish_reason": res.finish_reason,
+                "new_tokens": res.new_tokens,
+            }
+        bar.update(len(idx))
+    bar.close()
+    return results  # type: ignore[return-value]

@@ -1,0 +1,73 @@
+"""Figures and progress lines written for people: durations as "2 min 30 s", losses with
+four significant digits, rates without decimals; one line per stage that takes a while."""
+
+from __future__ import annotations
+
+import sys
+
+
+def duration(seconds: float) -> str:
+    """42 s, 2 min 30 s, 3 h 05 min."""
+    s = max(0, int(round(seconds)))
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60:02d} s"
+    return f"{s // 3600} h {(s % 3600) // 60:02d} min"
+
+
+def loss(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4g}"
+
+
+def human_summary(
+    train_loss: float | None, eval_loss: float | None, tok_s: float, wall_s: float | None
+) -> str:
+    parts = [f"train loss {loss(train_loss)}"]
+    if eval_loss is not None:
+        parts.append(f"held-out loss {loss(eval_loss)}")
+    parts.append(f"{tok_s:,.0f} tokens/s")
+    if wall_s is not None:
+        parts.append(f"{duration(wall_s)} in all")
+    return ", ".join(parts)
+
+
+def run_estimate(
+    step_s: float, step: int, total_steps: int, eval_s: float, eval_steps: int, on_gpu: bool
+) -> str:
+    """The rest of the run's expected length, from the first optimizer step and the timed
+    evaluation (evaluations every `eval_steps` and at the end), with what would change it."""
+    steps_left = total_steps - step
+    evals_left = 0
+    if eval_steps and eval_s:  # eval_steps 0: no validation rows, so no evaluations
+        evals = {total_steps} | {k for k in range(step + 1, total_steps + 1) if k % eval_steps == 0}
+        evals_left = len(evals)
+    total = step_s * steps_left + eval_s * evals_left
+    line = f"estimate: {duration(total)} for the remaining {steps_left} step(s) at {duration(step_s)}/step"
+    if evals_left:
+        line += f" + {evals_left} evaluation(s) of ~{duration(eval_s)}"
+    line += "; --max_steps N caps the steps"
+    if not on_gpu:
+        line += ", a CUDA GPU runs the same steps far faster"
+    return line
+
+
+def bar_enabled() -> bool:
+    """tqdm redraws with carriage returns: live on a terminal, a wall of fragments in a
+    log file, so logs get the periodic `step N/M` lines instead."""
+    return sys.stderr.isatty()
+
+
+def step_bar(total_steps: int, initial: int, main_process: bool):
+    """The training bar: live on a terminal (main process only), off in a log."""
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=total_steps,
+        initial=initial,
+        disable=not (main_process and bar_enabled()),
+        desc="train",
+        unit="step",
+        dynamic_ncols=True,
+        file=sys.stderr,
+    )

@@ -1,0 +1,107 @@
+"""Next-token cross-entropy as a SUM over supervised positions, optionally without full logits.
+
+Why not `model(labels=...)`: transformers returns a mean over the micro-batch, and the mean of
+means is not the per-token mean of an accumulation window whose micro-batches hold different
+numbers of supervised tokens (packed vs padded, different splits). Returning (sum, count) lets
+the training loop divide by the whole window's count, so every layout optimizes one objective.
+
+Why chunked: the [tokens, vocab] logits (plus their fp32 copy and log-softmax saved for
+backward) dominate activation memory for large vocabularies (49152 for SmolLM2, 128k for
+Llama 3). We run the decoder body for hidden states, keep only the positions that have a
+target, and run lm_head + cross-entropy chunk by chunk under activation checkpointing, so at
+most one chunk of logits exists at a time, in forward and in backward. torch has no fused
+linear+cross-entropy op on CPU, hence this hand-written loop.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from lora_alpaca.constants import IGNORE_INDEX
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
+# Config fields of architectures that post-process logits after lm_head (Gemma 2/3 softcapping,
+# Cohere scale, Granite scaling). The chunked path would silently skip that step, so such
+# models take the exact (HF forward) path instead.
+LOGIT_POSTPROCESS_FIELDS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+
+def _causal_lm(model):
+    """The *ForCausalLM inside a peft.PeftModel (LoRA layers are injected in place)."""
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    return model
+
+
+def _inputs(batch: dict) -> dict:
+    return {k: batch[k] for k in MODEL_INPUTS if batch.get(k) is not None}
+
+
+def _chunk_ce_sum(
+    lm_head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor
+) -> torch.Tensor:
+    # fp32 logits for the softmax whatever the matmul dtype: bf16 log-softmax over a 50k
+    # vocabulary loses about 2 significant digits of the loss.
+    logits = lm_head(hidden).float()
+    return F.cross_entropy(logits, targets, reduction="sum")
+
+
+def _supports_chunking(causal_lm) -> bool:
+    config = getattr(causal_lm, "config", None)
+    if config is None or causal_lm.get_output_embeddings() is None:
+        return False
+    if any(getattr(config, f, None) not in (None, 1, 1.0) for f in LOGIT_POSTPROCESS_FIELDS):
+        return False
+    return hasattr(causal_lm, getattr(causal_lm, "base_model_prefix", "") or "\0")
+
+
+def causal_lm_loss_sum(
+    model, batch: dict, chunk_size: int | None = 1024
+) -> tuple[torch.Tensor, int]:
+    """Sum of next-token cross-entropy over positions whose (shifted) label is not -100, and their count.
+
+    `batch`: input_ids [B,T], labels [B,T], optional attention_mask and position_ids (packed
+    batches give position_ids and no attention_mask). chunk_size=None: plain full-logits
+    forward through the model's own head. Otherwise logits exist only for supervised
+    positions, `chunk_size` rows at a time. Runs under whatever autocast the caller set.
+    """
+    labels = batch["labels"]
+    targets = labels[:, 1:]
+    keep = targets != IGNORE_INDEX
+    count = int(keep.sum())
+    causal_lm = _causal_lm(model)
+
+    if chunk_size is None or not _supports_chunking(causal_lm):
+        # use_cache=False: with a cache, transformers skips packed-sequence detection and
+        # packed rows would attend to each other.
+        logits = model(**_inputs(batch), use_cache=False).logits
+        loss = F.cross_entropy(
+            logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+            targets.reshape(-1),
+            ignore_index=IGNORE_INDEX,
+            reduction="sum",
+        )
+        return loss, count
+
+    if chunk_size < 1:
+        raise ValueError(
+            f"chunk_size must be a positive number of tokens or None, got {chunk_size}"
+        )
+    body = getattr(causal_lm, causal_lm.base_model_prefix)
+    hidden = body(**_inputs(batch), use_cache=False).last_hidden_state
+    selected = hidden[:, :-1][keep]  # [N, H]: only positions that predict a target
+    selected_targets = targets[keep]
+    if count == 0:
+        # Keep the graph connected so backward() works on a micro-batch with nothing to learn.
+        return hidden.sum() * 0.0, 0
+    lm_head = causal_lm.get_output_embeddings()
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, count, chunk_size):
+        h = selected[start : start + chunk_size]
+        y = selected_targets[start : start + chunk_size]
+        # Checkpointing drops the chunk's logits after forward and recomputes them in
+        # backward; without it, every chunk's logits would be saved and nothing gained.
+        total = total + checkpoint(_chunk_ce_sum, lm_head, h, y, use_reentrant=False)
+    return total, count
