@@ -52,3 +52,17 @@ def test_normalisation_happens_at_construction_and_validate_only_checks():
     before = dataclasses.asdict(cfg)
     validate(cfg)
     assert dataclasses.asdict(cfg) == before
+
+
+def test_parity_summary_names_the_adapters_own_quantization():
+    from lora_alpaca.export.parity import summary_lines
+
+    def report(q):
+        cand = {"merge_base": "dequantized", "max_abs_logit_diff": 0.1, "top1_agreement": 1.0}
+        return {
+            "checks": [],
+            "merge_base": {"quantization": q, "candidates": [cand], "better": "x"},
+        }
+
+    assert "vs the 8-bit adapter" in summary_lines(report("8bit"))[0]
+    assert "vs the 4-bit adapter" in summary_lines(report("4bit"))[0]
