@@ -77,7 +77,8 @@ def test_file_of_prompts_in_batches(adapter_dir, in_process, alpaca_json, tmp_pa
         timeout=300,
     )
     assert r.returncode == 0, r.stderr
-    assert "generating" in r.stderr and "6/6" in r.stderr  # progress bar
+    # stderr is a pipe here, so the live bar is off (first-hour change); the summary line is there.
+    assert "generating" not in r.stderr and "wrote 6 rows" in r.stderr
     answers = [json.loads(line) for line in out.read_text().splitlines()]
     assert [a["instruction"] for a in answers] == [
         x["instruction"] for x in rows

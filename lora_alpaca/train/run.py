@@ -139,21 +139,7 @@ def run_training(cfg: FinetuneConfig) -> int:
             lora_adapter_bytes(base_config, cfg.lora_r, cfg.lora_target_modules)
         )
         check_writable_dir("--output_dir", output_dir, need)
-    opts = DataOptions(
-        data=cfg.data,
-        instruction_column=cfg.instruction_column,
-        input_column=cfg.input_column,
-        output_column=cfg.output_column,
-        cutoff_len=cfg.cutoff_len,
-        train_on_inputs=cfg.train_on_inputs,
-        add_eos_token=cfg.add_eos_token,
-        overlength=cfg.overlength,
-        empty_outputs=cfg.empty_outputs,
-        duplicates=cfg.duplicates,
-        val_set_size=cfg.val_set_size,
-        seed=cfg.seed,
-        allow_unsupervised=cfg.allow_unsupervised,
-    )
+    opts = DataOptions.from_config(cfg)
     # The tokenized cache is written only once every check below has passed.
     prepared = prepare_data(
         opts, tokenizer, template, for_training=not cfg.audit_only, defer_cache=not cfg.audit_only
