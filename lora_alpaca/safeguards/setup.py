@@ -18,6 +18,12 @@ from lora_alpaca.safeguards.watermark import KEY_FILE_NAME, default_key_file, re
 API_KEY_ENV = ("MODERATION_API_KEY", "OPENAI_API_KEY")  # env only: flags show up in `ps`
 
 
+def first_adapter(cfg) -> str | None:
+    """The adapter folder the key lives in by default (with --api: the first one)."""
+    lw = cfg.lora_weights
+    return (lw[0] if lw else None) if isinstance(lw, list | tuple) else lw
+
+
 def _watermark_settings(cfg, key_file: Path, create: bool):
     return resolve_settings(
         cfg.watermark_key,
@@ -60,7 +66,7 @@ def build_safeguards(cfg) -> Safeguards | None:
             print("[watermark] note: greedy answers carry a watermark too, but sampled ones "
                   "(--mode sample) carry a stronger one", file=sys.stderr)  # fmt: skip
         key_file = Path(
-            cfg.watermark_key_file or default_key_file(cfg.output_file, cfg.lora_weights)
+            cfg.watermark_key_file or default_key_file(cfg.output_file, first_adapter(cfg))
         )
         mark, where = _watermark_settings(cfg, key_file, create=True)
         print(f"[watermark] on: key from {where}, greenlist_ratio {mark.greenlist_ratio}, "
@@ -85,8 +91,8 @@ def detect_key_file(cfg) -> Path:
     if cfg.watermark_key_file:
         return Path(cfg.watermark_key_file)
     places = [Path(cfg.detect_watermark).resolve().parent]
-    if cfg.lora_weights:
-        places.append(Path(cfg.lora_weights))
+    if first_adapter(cfg):
+        places.append(Path(first_adapter(cfg)))
     places.append(Path.cwd())
     found = next((p / KEY_FILE_NAME for p in places if (p / KEY_FILE_NAME).is_file()), None)
     return found or places[0] / KEY_FILE_NAME
