@@ -196,7 +196,7 @@ def main(cfg: GenerateConfig) -> int:
     if cfg.api:
         from lora_alpaca.serve.app import serve
 
-        return serve(cfg, check_api_flags(cfg))
+        return serve(cfg, check_api_flags(cfg), safeguards)
     rows = read_prompt_rows(cfg.input_file) if cfg.input_file else None
     out = check_output_path(cfg.output_file) if cfg.output_file else None
     if cfg.probe_report:
