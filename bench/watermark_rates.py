@@ -20,8 +20,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from lora_alpaca.generation import DecodingSettings  # noqa: E402
-from lora_alpaca.inference import LoadRequest, load_generator  # noqa: E402
+from lora_alpaca.generate.engine import DecodingSettings  # noqa: E402
+from lora_alpaca.generate.loading import LoadRequest, load_generator  # noqa: E402
 from lora_alpaca.safeguards.detect import Detector  # noqa: E402
 from lora_alpaca.safeguards.guard import Safeguards  # noqa: E402
 from lora_alpaca.safeguards.watermark import WatermarkSettings  # noqa: E402
@@ -83,7 +83,7 @@ def main() -> None:
     marked, t_marked = answer(Safeguards(watermark=key))
     plain, t_plain = answer(None)
     # The library's own route: watermarking_config in the GenerationConfig (after top-k/top-p).
-    import lora_alpaca.generation as g
+    import lora_alpaca.generate.engine as g
 
     original = g.build_generation_config
 

@@ -10,7 +10,7 @@ import pytest
 from moderation_server import ModerationServer
 
 from lora_alpaca.errors import UsageError
-from lora_alpaca.generation import DecodingSettings
+from lora_alpaca.generate.engine import DecodingSettings
 from lora_alpaca.safeguards.guard import Safeguards
 from lora_alpaca.safeguards.moderation import (
     STARTER_KEYWORDS,
@@ -101,7 +101,7 @@ def test_fail_closed_and_open(capsys):
 
 @pytest.fixture(scope="module")
 def tiny_gen(tiny_model):
-    from lora_alpaca.inference import LoadRequest, load_generator
+    from lora_alpaca.generate.loading import LoadRequest, load_generator
 
     return load_generator(LoadRequest(base_model=str(tiny_model), device="cpu")).generator
 

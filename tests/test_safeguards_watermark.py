@@ -10,7 +10,7 @@ import stat
 import pytest
 
 from lora_alpaca.errors import UsageError
-from lora_alpaca.generation import DecodingSettings
+from lora_alpaca.generate.engine import DecodingSettings
 from lora_alpaca.safeguards.detect import Detector
 from lora_alpaca.safeguards.guard import Safeguards
 from lora_alpaca.safeguards.watermark import (
@@ -30,7 +30,7 @@ KEY = 918273645564738291
 
 @pytest.fixture(scope="module")
 def answers(smollm2):
-    from lora_alpaca.inference import LoadRequest, load_generator
+    from lora_alpaca.generate.loading import LoadRequest, load_generator
 
     gen = load_generator(LoadRequest(base_model=str(smollm2), device="cpu")).generator
     settings = DecodingSettings("sample", 1.0, 0.95, 0, max_new_tokens=100, seed=7)

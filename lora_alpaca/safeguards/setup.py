@@ -19,9 +19,12 @@ API_KEY_ENV = ("MODERATION_API_KEY", "OPENAI_API_KEY")  # env only: flags show u
 
 
 def first_adapter(cfg) -> str | None:
-    """The adapter folder the key lives in by default (with --api: the first one)."""
+    """The adapter folder the key lives in by default: with --api the first one served,
+    otherwise the one loaded (a repeated --lora_weights: the last)."""
     lw = cfg.lora_weights
-    return (lw[0] if lw else None) if isinstance(lw, list | tuple) else lw
+    if not isinstance(lw, list | tuple):
+        return lw
+    return (lw[0] if getattr(cfg, "api", False) else lw[-1]) if lw else None
 
 
 def _watermark_settings(cfg, key_file: Path, create: bool):
@@ -101,7 +104,8 @@ def detect_key_file(cfg) -> Path:
 def run_detect(cfg, load) -> int:
     """--detect_watermark FILE.jsonl --output_file OUT.jsonl; `load()` gives the generator
     (only its tokenizer and model config are used: both must match the generating ones)."""
-    from lora_alpaca.batch_generate import check_output_path, write_jsonl_atomic
+    from lora_alpaca.fileio import write_jsonl_atomic
+    from lora_alpaca.generate.batch import check_output_path
     from lora_alpaca.safeguards.detect import Detector, detect_rows, read_texts, summary
 
     if not cfg.output_file:
