@@ -9,8 +9,7 @@ python generate.py --lora_weights ./lora-alpaca --watermark --moderation keyword
 python generate.py --detect_watermark out.jsonl --output_file scores.jsonl  # find the watermark
 """
 
-from lora_alpaca import cli
-from lora_alpaca.generate.app import GenerateConfig, main
+from lora_alpaca.generate.app import console_main
 
 if __name__ == "__main__":
-    cli.run(cli.build_command(GenerateConfig, main, help=__doc__))
+    console_main()
