@@ -39,7 +39,13 @@ def field(
     be repeated, `--x a --x b`, and the field holds a list or None). `tags` mark what a setting
     is (e.g. "lora": part of the adapter's recipe; "resume": changing it makes a resumed run
     a different run), so such lists are read off the dataclass instead of kept by hand."""
-    meta = {"help": help, "choices": choices, "aliases": aliases, "multiple": multiple, "tags": tags}
+    meta = {
+        "help": help,
+        "choices": choices,
+        "aliases": aliases,
+        "multiple": multiple,
+        "tags": tags,
+    }
     if isinstance(default, list):
         return dataclasses.field(default_factory=lambda: list(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
