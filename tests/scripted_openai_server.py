@@ -49,7 +49,9 @@ def answer(body: dict) -> tuple[int, dict]:
                            "top_logprobs": top}]}  # fmt: skip
         return 200, completion(model, better, lp, prompt_tokens=tokens)
     if model == "strict-judge" and body.get("logprobs"):
-        return 400, {"error": {"message": "logprobs not supported", "type": "invalid_request_error"}}
+        return 400, {
+            "error": {"message": "logprobs not supported", "type": "invalid_request_error"}
+        }
     if model in ("text-judge", "strict-judge"):
         return 200, completion(model, f"Answer ({better}) is better.", prompt_tokens=tokens)
     return 200, completion(model, "I cannot tell.", prompt_tokens=tokens)

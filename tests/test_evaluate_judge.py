@@ -135,7 +135,10 @@ def test_answers_from_an_endpoint(judge_server, tmp_path):
     assert r.returncode == 0, r.stderr
     got = json.loads(out.read_text())
     assert [g["instruction"] for g in got] == ["Name a colour.", "Add the numbers.\n\n2 3"]
-    assert got[1]["output"] == "GOOD answer: Add the numbers. 2" and got[0]["generator"] == "cand-model"
+    assert (
+        got[1]["output"] == "GOOD answer: Add the numbers. 2"
+        and got[0]["generator"] == "cand-model"
+    )
     assert {g["dataset"] for g in got} == {"set"} and got[0]["finish_reason"] == "eos"
     # Never overwritten without --overwrite.
     r = run_script("evaluate.py", "answers", "--eval_set", src, "--api_base", judge_server["url"],
@@ -160,17 +163,25 @@ def test_bad_inputs_are_one_line(tmp_path, judge_server):
                                   "--reference_outputs", rp, *common)  # fmt: skip
     broken = tmp_path / "broken.json"
     broken.write_text("[{")
-    assert "invalid JSON" in _bad(tmp_path, "judge", "--model_outputs", broken, "--reference_outputs", rp, *common)
+    assert "invalid JSON" in _bad(
+        tmp_path, "judge", "--model_outputs", broken, "--reference_outputs", rp, *common
+    )
     no_output = tmp_path / "no_output.json"
     no_output.write_text(json.dumps([{"instruction": "x"}]))
-    assert "'output'" in _bad(tmp_path, "judge", "--model_outputs", no_output, "--reference_outputs", rp, *common)
+    assert "'output'" in _bad(
+        tmp_path, "judge", "--model_outputs", no_output, "--reference_outputs", rp, *common
+    )
     other = tmp_path / "other.json"
     other.write_text(json.dumps([{"instruction": "other", "output": "o", "generator": "ref"}]))
     assert "no answer for --model_outputs row 0" in _bad(
         tmp_path, "judge", "--model_outputs", mp, "--reference_outputs", other, *common
     )
-    assert "different 'generator'" in _bad(tmp_path, "judge", "--model_outputs", mp, "--reference_outputs", mp, *common)
-    assert "give a judge" in _bad(tmp_path, "judge", "--model_outputs", mp, "--reference_outputs", rp, "--output_dir", out)
+    assert "different 'generator'" in _bad(
+        tmp_path, "judge", "--model_outputs", mp, "--reference_outputs", mp, *common
+    )
+    assert "give a judge" in _bad(
+        tmp_path, "judge", "--model_outputs", mp, "--reference_outputs", rp, "--output_dir", out
+    )
     taken = tmp_path / "taken.jsonl"
     taken.write_text("")
     assert "exists" in _bad(tmp_path, "judge", "--model_outputs", mp, "--reference_outputs", rp, *common,

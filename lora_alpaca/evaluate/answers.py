@@ -90,7 +90,9 @@ def _local_answers(cfg: AnswersConfig, rows: list[dict]) -> tuple[list[dict], st
     settings = DecodingSettings(max_new_tokens=cfg.max_new_tokens).validate()
     answered = generate_rows(loaded.generator, rows, settings, cfg.batch_size)
     name = cfg.generator or (
-        Path(cfg.lora_weights).name if cfg.lora_weights else f"base-{Path(cfg.base_model or 'smollm2').name}"
+        Path(cfg.lora_weights).name
+        if cfg.lora_weights
+        else f"base-{Path(cfg.base_model or 'smollm2').name}"
     )
     return answered, name
 
@@ -106,19 +108,31 @@ def _api_answers(cfg: AnswersConfig, rows: list[dict]) -> tuple[list[dict], str]
         try:
             resp = client.chat.completions.create(
                 model=cfg.api_model,
-                messages=[{"role": "user", "content": alpaca_eval_instruction(r["instruction"], r["input"])}],
+                messages=[
+                    {
+                        "role": "user",
+                        "content": alpaca_eval_instruction(r["instruction"], r["input"]),
+                    }
+                ],
                 max_tokens=cfg.max_new_tokens,
                 temperature=0,
             )
         except openai.APIConnectionError:
             raise UsageError(f"--api_base {cfg.api_base}: cannot connect") from None
         except openai.APIStatusError as e:
-            raise UsageError(f"--api_base {cfg.api_base}: prompt {i}: HTTP {e.status_code}") from None
+            raise UsageError(
+                f"--api_base {cfg.api_base}: prompt {i}: HTTP {e.status_code}"
+            ) from None
         choice = resp.choices[0]
         reason = {"stop": "eos", "length": "length"}.get(choice.finish_reason, choice.finish_reason)
         tokens = resp.usage.completion_tokens if resp.usage else 0
         answered.append(
-            {**r, "response": choice.message.content or "", "finish_reason": reason, "new_tokens": tokens}
+            {
+                **r,
+                "response": choice.message.content or "",
+                "finish_reason": reason,
+                "new_tokens": tokens,
+            }
         )
     return answered, cfg.generator or cfg.api_model
 

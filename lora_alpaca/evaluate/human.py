@@ -38,7 +38,9 @@ class HumanConfig:
     output_dir: str = F("", "Folder for human_votes.json (resumed if present), tally and chart.")
     server_name: str = F("127.0.0.1", "Address the page listens on.")
     server_port: int = F(7861, "Port of the page.")
-    seed: int = F(0, "Seed of which system is shown as (A), per prompt (recorded in the votes file).")
+    seed: int = F(
+        0, "Seed of which system is shown as (A), per prompt (recorded in the votes file)."
+    )
     limit: int = F(0, "Compare only the first N pairs (0 = all).")
     export_preferences: str | None = F(
         None, "When every pair is voted, also write {prompt, chosen, rejected} JSONL."
@@ -192,12 +194,18 @@ def build_page(session: Session):
     import gradio as gr
 
     with gr.Blocks(title="Blind comparison") as page:
-        gr.Markdown("## Which answer is better?\nKeys: **a** = A, **b** = B, **t** = tie, **s** = skip, **u** = undo.")
+        gr.Markdown(
+            "## Which answer is better?\nKeys: **a** = A, **b** = B, **t** = tie, **s** = skip, **u** = undo."
+        )
         progress = gr.Markdown(elem_id="progress")
         prompt = gr.Textbox(label="Prompt", interactive=False, elem_id="prompt", lines=3)
         with gr.Row():
-            answer_a = gr.Textbox(label="Answer (A)", interactive=False, elem_id="answer_a", lines=10)
-            answer_b = gr.Textbox(label="Answer (B)", interactive=False, elem_id="answer_b", lines=10)
+            answer_a = gr.Textbox(
+                label="Answer (A)", interactive=False, elem_id="answer_a", lines=10
+            )
+            answer_b = gr.Textbox(
+                label="Answer (B)", interactive=False, elem_id="answer_b", lines=10
+            )
         with gr.Row():
             buttons = {
                 "A": gr.Button("A is better [a]", elem_id="vote_a"),

@@ -29,18 +29,24 @@ class JudgeConfig:
     output_dir: str = F(
         "", "Folder for judgements, results.json, report.md/PNG and the judge cache (reused)."
     )
-    api_base: str | None = F(None, "Judge's OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1.")
+    api_base: str | None = F(
+        None, "Judge's OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1."
+    )
     judge_model: str = F("", "Judge model name sent to --api_base.")
     judge_base_model: str | None = F(
-        None, "Local judge instead of an endpoint: a model folder or name (label probabilities read directly)."
+        None,
+        "Local judge instead of an endpoint: a model folder or name (label probabilities read directly).",
     )
     api_key_env: str = F("OPENAI_API_KEY", "Environment variable holding the judge's key.")
     seed: int = F(0, "Seed of the per-pair order of the two answers.")
     limit: int = F(0, "Judge only the first N pairs (0 = all).")
-    price_input_per_million: float = F(0.0, "Judge price per million prompt tokens, for the cost line.")
+    price_input_per_million: float = F(
+        0.0, "Judge price per million prompt tokens, for the cost line."
+    )
     price_output_per_million: float = F(0.0, "Judge price per million completion tokens.")
     export_preferences: str | None = F(
-        None, "Also write {prompt, chosen, rejected} JSONL from the judge (and human votes in --output_dir)."
+        None,
+        "Also write {prompt, chosen, rejected} JSONL from the judge (and human votes in --output_dir).",
     )
 
 

@@ -23,7 +23,9 @@ def check_export_path(path: str) -> Path:
 def _row(pair: dict, winner: str, source: str) -> dict:
     model, ref = pair["model_output"], pair["reference_output"]
     chosen, rejected = (model, ref) if winner == "model" else (ref, model)
-    gen = pair["model_row"]["generator"] if winner == "model" else pair["reference_row"]["generator"]
+    gen = (
+        pair["model_row"]["generator"] if winner == "model" else pair["reference_row"]["generator"]
+    )
     return {
         "prompt": pair["instruction"],
         "chosen": chosen,

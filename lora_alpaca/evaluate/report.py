@@ -123,10 +123,14 @@ def write_report(out_dir: Path, pairs, results, judged, votes, model_rows, refer
         f"{results['usage']['completion_tokens']}, {results['usage']['cost']:.4f} |",
     ]
     if human:
-        lines.append(f"| human tally | {human['tally']} (sign test p = {human['sign_test_p']:.3g}) |")
+        lines.append(
+            f"| human tally | {human['tally']} (sign test p = {human['sign_test_p']:.3g}) |"
+        )
         agree = results.get("human_agreement", {})
         if agree.get("agreement") is not None:
-            lines.append(f"| judge-human agreement | {100 * agree['agreement']:.0f}% of {agree['pairs']} pairs |")
+            lines.append(
+                f"| judge-human agreement | {100 * agree['agreement']:.0f}% of {agree['pairs']} pairs |"
+            )
     lines += ["", f"![win rates]({CHART})", "", "## Probe of the answers", "",
               "| measure | " + m + " | " + r + " |", "|---|---|---|"]  # fmt: skip
     reports = []
@@ -158,8 +162,14 @@ def write_report(out_dir: Path, pairs, results, judged, votes, model_rows, refer
         judge_side = {j["index"]: j for j in read}
         for v in votes["votes"]:
             j = judge_side.get(v["index"])
-            if j and v["winner"] in ("model", "reference") and (j["p_model"] > 0.5) != (v["winner"] == "model"):
-                picks.append((f"rater chose {m if v['winner'] == 'model' else r}, judge did not", j))
+            if (
+                j
+                and v["winner"] in ("model", "reference")
+                and (j["p_model"] > 0.5) != (v["winner"] == "model")
+            ):
+                picks.append(
+                    (f"rater chose {m if v['winner'] == 'model' else r}, judge did not", j)
+                )
                 if len(picks) >= 7:
                     break
     for why, j in picks:
