@@ -3,6 +3,7 @@
 \b
 python generate.py --lora_weights ./lora-alpaca                       # sampler on 127.0.0.1:7860
 python generate.py --lora_weights ./lora-alpaca --prompt "Tell me about alpacas."
+python generate.py --lora_weights ./lora-alpaca --api                 # OpenAI API on 127.0.0.1:7860/v1
 python generate.py --input_file prompts.jsonl --output_file out.jsonl  # batches, default base
 """
 

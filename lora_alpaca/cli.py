@@ -27,9 +27,16 @@ TRUE = {"true", "1", "yes", "y", "on"}
 FALSE = {"false", "0", "no", "n", "off"}
 
 
-def field(default: Any, help: str, choices: list[str] | None = None, aliases: tuple = ()):
-    """A dataclass field with the metadata `build_command` reads."""
-    meta = {"help": help, "choices": choices, "aliases": aliases}
+def field(
+    default: Any,
+    help: str,
+    choices: list[str] | None = None,
+    aliases: tuple = (),
+    multiple: bool = False,
+):
+    """A dataclass field with the metadata `build_command` reads (`multiple`: the flag may
+    be repeated, `--x a --x b`, and the field holds a list or None)."""
+    meta = {"help": help, "choices": choices, "aliases": aliases, "multiple": multiple}
     if isinstance(default, list):
         return dataclasses.field(default_factory=lambda: list(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -153,7 +160,10 @@ def build_command(cls: type, main: Callable[[Any], int | None], help: str) -> cl
         decls = [f"--{f.name}", *f.metadata["aliases"], f.name]
         kwargs: dict[str, Any] = dict(type=ptype, default=shown, help=f.metadata["help"])
         kwargs["show_default"] = shown not in (None, "")
-        if tp is bool:
+        if f.metadata.get("multiple"):
+            kwargs.update(type=click.STRING, multiple=True, default=())
+            kwargs["show_default"] = False
+        elif tp is bool:
             # `--flag` alone means true; `--flag false` also works (fire-style).
             kwargs.update(is_flag=False, flag_value="true")
         params.append(click.Option(decls, **kwargs))
@@ -174,6 +184,9 @@ def build_command(cls: type, main: Callable[[Any], int | None], help: str) -> cl
             for name in kwargs
             if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE
         }
+        for f in dataclasses.fields(cls):  # repeated flags arrive as a tuple
+            if f.metadata.get("multiple"):
+                kwargs[f.name] = list(kwargs[f.name]) or None
         cfg = resolve_config(cls, kwargs, explicit, config)
         return main(cfg)
 

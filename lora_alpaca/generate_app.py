@@ -10,18 +10,22 @@ from pathlib import Path
 from lora_alpaca import cli
 from lora_alpaca.errors import UsageError
 from lora_alpaca.generation import MODES, DecodingSettings
+from lora_alpaca.serve.flags import ServeFlags, check_api_flags
 
 F = cli.field
 
 
 @dataclass
-class GenerateConfig:
+class GenerateConfig(ServeFlags):
     base_model: str | None = F(
         None,
         "Base model folder, .gguf or hub id; default: the adapter's base (its manifest), else the embedded SmolLM2-135M-Instruct. A merged model folder works too.",
     )
-    lora_weights: str | None = F(
-        None, "Adapter folder written by finetune.py (its manifest gives base model and template)."
+    lora_weights: list[str] | None = F(
+        None,
+        "Adapter folder written by finetune.py (its manifest gives base model and template); "
+        "with --api repeat it to serve several adapters.",
+        multiple=True,
     )
     prompt_template_name: str | None = F(
         None, "Template name or .json path; default: the adapter's own template, else alpaca."
@@ -61,16 +65,16 @@ class GenerateConfig:
     seed: int = F(0, "Random seed: the same seed gives the same sample.")
     batch_size: int = F(8, "Prompts per batch with --input_file.")
     server_name: str = F(
-        "127.0.0.1", "Address the sampler listens on (0.0.0.0 = every network interface)."
+        "127.0.0.1", "Address the sampler / --api listens on (0.0.0.0 = every network interface)."
     )
-    server_port: int = F(7860, "Port of the sampler.")
+    server_port: int = F(7860, "Port of the sampler / --api.")
     share: bool = F(False, "Also publish the sampler on a public gradio.live link (opt-in).")
     concurrency_limit: int = F(
         2, "Requests generating at once in the sampler; the rest wait in a queue."
     )
     max_input_chars: int = F(4000, "Sampler: longest instruction + input accepted, in characters.")
     max_new_tokens_limit: int = F(
-        1024, "Sampler: hard cap on max_new_tokens, whatever a request asks."
+        1024, "Sampler and --api: hard cap on max_new_tokens / max_tokens, whatever a request asks."
     )
     trust_remote_code: bool = F(
         False, "Allow model folders to run their own Python code (off: safer)."
@@ -101,6 +105,8 @@ def check_flags(cfg: GenerateConfig) -> DecodingSettings:
             raise UsageError(f"--{flag} {getattr(cfg, flag)}: must be >= 1")
     if not 0 <= cfg.server_port <= 65535:
         raise UsageError(f"--server_port {cfg.server_port}: must be 0-65535")
+    if len(cfg.lora_weights or []) > 1 and not cfg.api:
+        raise UsageError("--lora_weights given more than once: several adapters need --api")
     return DecodingSettings(
         cfg.mode,
         cfg.temperature,
@@ -117,6 +123,10 @@ def main(cfg: GenerateConfig) -> int:
     from lora_alpaca.batch_generate import check_output_path, read_prompt_rows
 
     settings = check_flags(cfg)
+    if cfg.api:
+        from lora_alpaca.serve.app import serve
+
+        return serve(cfg, check_api_flags(cfg))
     rows = read_prompt_rows(cfg.input_file) if cfg.input_file else None
     out = check_output_path(cfg.output_file) if cfg.output_file else None
     if cfg.probe_report:
@@ -127,7 +137,7 @@ def main(cfg: GenerateConfig) -> int:
     loaded = load_generator(
         LoadRequest(
             base_model=cfg.base_model,
-            lora_weights=cfg.lora_weights,
+            lora_weights=cfg.lora_weights[0] if cfg.lora_weights else None,
             prompt_template_name=cfg.prompt_template_name,
             quantization=cfg.quantization,
             dtype=cfg.dtype,

@@ -1,0 +1,117 @@
+"""The model ids one server answers: each --lora_weights folder (id = its folder name) and
+`base` (the adapter switched off), all on one copy of the base weights (peft multi-adapter:
+`load_adapter(adapter_name=...)`, `set_adapter`, `disable_adapter`)."""
+
+from __future__ import annotations
+
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+from lora_alpaca.errors import UsageError
+from lora_alpaca.generation import eos_token_ids
+from lora_alpaca.prompts import PromptTemplate, load_template
+
+BASE_ID = "base"
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    model_id: str
+    adapter_name: str | None  # peft adapter name; None = base (adapter off) or merged model
+    template: PromptTemplate
+
+
+@dataclass
+class ServedModels:
+    model: object
+    tokenizer: object
+    device: object
+    entries: dict[str, ModelEntry]
+    description: str
+    context_len: int
+
+    @property
+    def has_adapters(self) -> bool:
+        return any(e.adapter_name is not None for e in self.entries.values())
+
+    @property
+    def eos_ids(self) -> list[int]:
+        return eos_token_ids(self.model, self.tokenizer)
+
+
+def model_ids_for(lora_weights: list[str] | None) -> list[str]:
+    """Checked before loading: ids must be unique and `base` stays the base."""
+    ids = [Path(p).resolve().name for p in lora_weights or []]
+    for p, i in zip(lora_weights or [], ids, strict=True):
+        if i == BASE_ID:
+            raise UsageError(
+                f"--lora_weights {p}: folder name 'base' is the base model's id; rename it"
+            )
+        if ids.count(i) > 1:
+            raise UsageError(
+                f"--lora_weights {p}: two adapters named {i!r} (the model id is the folder name)"
+            )
+    return ids
+
+
+def _context_len(model, tokenizer) -> int:
+    n = getattr(model.config, "max_position_embeddings", None)
+    tok_max = getattr(tokenizer, "model_max_length", None)
+    if not n and tok_max and tok_max < 1_000_000:
+        n = tok_max
+    return int(n or 2048)
+
+
+def load_served(cfg) -> ServedModels:
+    """Load the base (+ first adapter) the way generate.py always does, then the others."""
+    from lora_alpaca.inference import LoadRequest, _check_adapter_files, load_generator
+    from lora_alpaca.manifest import check_base_fingerprint, read_manifest, template_from_manifest
+
+    paths = list(cfg.lora_weights or [])
+    ids = model_ids_for(paths)
+    loaded = load_generator(
+        LoadRequest(
+            base_model=cfg.base_model,
+            lora_weights=paths[0] if paths else None,
+            prompt_template_name=cfg.prompt_template_name,
+            quantization=cfg.quantization,
+            dtype=cfg.dtype,
+            trust_remote_code=cfg.trust_remote_code,
+            allow_pickle_adapter=cfg.allow_pickle_adapter,
+        )
+    )
+    gen = loaded.generator
+    entries = {BASE_ID: ModelEntry(BASE_ID, None, gen.template)}
+    if paths:
+        # load_generator named the first adapter "default"; keep peft's name for it.
+        entries[ids[0]] = ModelEntry(ids[0], "default", gen.template)
+        base_config = gen.model.get_base_model().config
+        for n, (path, model_id) in enumerate(zip(paths[1:], ids[1:], strict=True), 1):
+            manifest = read_manifest(path)
+            _check_adapter_files(Path(path), cfg.allow_pickle_adapter)
+            check_base_fingerprint(manifest, base_config, cfg.base_model or ids[0])
+            name = f"adapter{n}"  # peft adapter names become module keys: no dots allowed
+            try:
+                gen.model.load_adapter(path, adapter_name=name, is_trainable=False)
+            except pickle.UnpicklingError:
+                raise UsageError(
+                    f"--lora_weights {path}: adapter_model.bin holds objects other than tensors"
+                ) from None
+            template = (
+                load_template(cfg.prompt_template_name)
+                if cfg.prompt_template_name
+                else template_from_manifest(manifest)
+            )
+            entries[model_id] = ModelEntry(model_id, name, template)
+    description = loaded.description + (
+        f" (+{len(paths) - 1} more adapters)" if len(paths) > 1 else ""
+    )
+    return ServedModels(
+        gen.model,
+        gen.tokenizer,
+        gen.device,
+        entries,
+        description,
+        _context_len(gen.model, gen.tokenizer),
+    )
