@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The issue-16 evaluation: the Quickstart adapter against its base SmolLM2-135M-Instruct on
 # the 252 self-instruct user-oriented prompts, judged by SmolLM2-135M-Instruct itself.
+# BENCHMARKS.md records the run (answers via generate.py, same engine); this script reruns it end to end.
 # Usage: bench/evaluate_quickstart.sh ADAPTER_DIR WORK_DIR [JUDGE_API_BASE]
 #   ADAPTER_DIR: the README Quickstart fine-tune (python finetune.py --data data/quickstart.json ...)
 #   JUDGE_API_BASE: an OpenAI-compatible endpoint serving SmolLM2 (python generate.py --api);

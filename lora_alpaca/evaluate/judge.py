@@ -100,6 +100,7 @@ def judge_pairs(pairs: list[dict], judge, cache, seed: int) -> tuple[list[dict],
                 "instruction": pair["instruction"],
                 "model_as": "A" if swapped else "B",
                 "p_model": p_model,
+                "p_label_a": None if verdict.p_b is None else 1 - verdict.p_b,
                 "method": verdict.method,
                 "judge_reply": verdict.reply,
                 "model_length": len(pair["model_output"]),
@@ -122,6 +123,8 @@ def summarise(rows: list[dict]) -> dict:
     else:
         out["length_controlled_win_rate"] = None
     out["n_unparsed"] = len(rows) - len(read)
+    # Position bias: a fair judge gives (A) about half the mass, since the order is random.
+    out["mean_p_label_a"] = sum(r["p_label_a"] for r in read) / len(read) if read else None
     out["n_logprobs"] = sum(r["method"] == "logprobs" for r in rows)
     out["n_text"] = sum(r["method"] == "text" for r in rows)
     return out
@@ -159,7 +162,7 @@ def main(cfg: JudgeConfig) -> int:
         "model": model_rows[0]["generator"],
         "reference": reference_rows[0]["generator"],
         "judge": judge.name,
-        "dataset": pairs[0]["dataset"],
+        "dataset": pairs[0]["dataset"] or "not recorded",
         "seed": cfg.seed,
         **summarise(rows),
         "usage": usage,

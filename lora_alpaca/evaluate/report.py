@@ -118,6 +118,8 @@ def write_report(out_dir: Path, pairs, results, judged, votes, model_rows, refer
         f"(length coefficient {results.get('length_coefficient', 0):.2f}) |",
         f"| judgements read from logprobs / text / unreadable | {results['n_logprobs']} / "
         f"{results['n_text']} / {results['n_unparsed']} |",
+        f"| judge's mean probability for label (A) (position bias; fair = 50%) | "
+        f"{100 * (results['mean_p_label_a'] or 0):.0f}% |",
         f"| judge calls / cached, tokens in / out, cost | {results['usage']['calls']} / "
         f"{results['usage']['cached']}, {results['usage']['prompt_tokens']} / "
         f"{results['usage']['completion_tokens']}, {results['usage']['cost']:.4f} |",
