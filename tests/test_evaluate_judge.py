@@ -113,12 +113,28 @@ def test_unreadable_verdicts_are_counted_not_guessed(judge_server, tmp_path):
     assert results["n_unparsed"] == 4 and results["n"] == 0 and results["win_rate"] is None
 
 
-def test_export_preferences(judge_server, tmp_path):
+def test_human_agreement_and_export_preferences(judge_server, tmp_path):
+    from lora_alpaca.evaluate.human import Session
+    from lora_alpaca.evaluate.sets import pair_outputs, read_model_outputs
+
     mp, rp = write_outputs(tmp_path, GOOD[:4])
+    out = tmp_path / "eval"
+    out.mkdir()
+    # A rater who agrees with the judge on pairs 0 and 1, disagrees on 2, ties 3.
+    pairs = pair_outputs(read_model_outputs(str(mp), "m"), read_model_outputs(str(rp), "r"))
+    session = Session(out, pairs, "cand", "ref", seed=0)
+    for i, agree in enumerate([True, True, False]):
+        model_wins = GOOD[i] == agree
+        session.vote(session.state["model_as"][i] if model_wins else
+                     {"A": "B", "B": "A"}[session.state["model_as"][i]])  # fmt: skip
+    session.vote("tie")
     prefs = tmp_path / "prefs.jsonl"
-    run_judge(judge_server, mp, rp, tmp_path / "eval", "text-judge", "--export_preferences", prefs)
+    results, _ = run_judge(judge_server, mp, rp, out, "text-judge", "--export_preferences", prefs)
+    assert results["human_agreement"] == {"pairs": 3, "agreement": pytest.approx(2 / 3)}
+    assert "human tally" in (out / "report.md").read_text()
     rows = [json.loads(x) for x in prefs.read_text().splitlines()]
-    assert len(rows) == 4
+    assert [r["source"] for r in rows] == ["human"] * 3 + ["judge"] * 4
+    rows = rows[3:]
     for row, good in zip(rows, GOOD[:4], strict=True):
         assert set(row) >= {"prompt", "chosen", "rejected"}
         assert row["chosen"].startswith("GOOD") and not row["rejected"].startswith("GOOD")
