@@ -92,6 +92,17 @@ def test_refuses_to_bind_beyond_loopback_without_key(tiny_model):
     assert "loading" not in r.stderr  # refused before the model load
 
 
+def test_model_ids_must_be_unique_and_not_base(tmp_path):
+    from lora_alpaca.errors import UsageError
+    from lora_alpaca.serve.models import model_ids_for
+
+    assert model_ids_for([str(tmp_path / "a"), str(tmp_path / "b")]) == ["a", "b"]
+    with pytest.raises(UsageError, match="two adapters named 'a'"):
+        model_ids_for([str(tmp_path / "a"), str(tmp_path / "x" / "a")])
+    with pytest.raises(UsageError, match="'base'"):
+        model_ids_for([str(tmp_path / "base")])
+
+
 def test_smollm2_answers_end_to_end(smollm2):
     srv = ApiServer("--base_model", smollm2)
     try:
@@ -104,6 +115,19 @@ def test_smollm2_answers_end_to_end(smollm2):
         )
         assert "Paris" in r.choices[0].message.content
         assert r.choices[0].finish_reason in ("stop", "length")
+        # several turns go through SmolLM2's own chat template
+        turns = [
+            {"role": "user", "content": "Hi, I am Ann."},
+            {"role": "assistant", "content": "Hello Ann!"},
+            {"role": "user", "content": "What is my name?"},
+        ]
+        r = c.chat.completions.create(model="base", max_tokens=8, temperature=0, messages=turns)
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(smollm2)
+        text = tok.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+        assert r.usage.prompt_tokens == len(tok(text)["input_ids"])
+        assert r.choices[0].message.content
         s = c.completions.create(
             model="base",
             prompt="The capital of France is",

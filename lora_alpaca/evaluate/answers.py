@@ -75,9 +75,9 @@ def check(cfg: AnswersConfig) -> Path:
 
 
 def _local_answers(cfg: AnswersConfig, rows: list[dict]) -> tuple[list[dict], str]:
-    from lora_alpaca.batch_generate import generate_rows
-    from lora_alpaca.generation import DecodingSettings
-    from lora_alpaca.inference import LoadRequest, load_generator
+    from lora_alpaca.generate.batch import generate_rows
+    from lora_alpaca.generate.engine import DecodingSettings
+    from lora_alpaca.generate.loading import LoadRequest, load_generator
 
     loaded = load_generator(
         LoadRequest(
@@ -138,7 +138,7 @@ def _api_answers(cfg: AnswersConfig, rows: list[dict]) -> tuple[list[dict], str]
 
 
 def main(cfg: AnswersConfig) -> int:
-    from lora_alpaca.manifest import write_text_atomic
+    from lora_alpaca.fileio import write_text_atomic
 
     out = check(cfg)
     rows = read_eval_set(cfg.eval_set, "--eval_set", cfg.limit)

@@ -115,7 +115,7 @@ class Session:
         self._save()
 
     def _save(self) -> None:
-        from lora_alpaca.manifest import write_text_atomic
+        from lora_alpaca.fileio import write_text_atomic
 
         text = json.dumps(self.state, indent=1, ensure_ascii=False) + "\n"
         write_text_atomic(self.out_dir / VOTES, text)
@@ -145,7 +145,7 @@ class Session:
 
     def _finish(self) -> None:
         from lora_alpaca.evaluate.report import tally_chart
-        from lora_alpaca.manifest import write_text_atomic
+        from lora_alpaca.fileio import write_text_atomic
 
         result = tally(self.state)
         write_text_atomic(self.out_dir / RESULTS, json.dumps(result, indent=2) + "\n")

@@ -134,7 +134,7 @@ def main(cfg: JudgeConfig) -> int:
     from lora_alpaca.evaluate.human import read_votes
     from lora_alpaca.evaluate.judges import ApiJudge, JudgeCache, LocalJudge
     from lora_alpaca.evaluate.report import agreement, write_report
-    from lora_alpaca.manifest import write_text_atomic
+    from lora_alpaca.fileio import write_text_atomic
 
     out_dir = check(cfg)
     model_rows = read_model_outputs(cfg.model_outputs, "--model_outputs")

@@ -89,7 +89,7 @@ class LocalJudge:
     def __init__(self, base_model: str):
         import torch
 
-        from lora_alpaca.inference import LoadRequest, load_generator
+        from lora_alpaca.generate.loading import LoadRequest, load_generator
 
         self.torch = torch
         gen = load_generator(LoadRequest(base_model=base_model)).generator

@@ -49,7 +49,7 @@ def preference_rows(pairs: list[dict], judged: list[dict] | None, votes: dict | 
 
 
 def export_preferences(path: str, pairs, judged, votes) -> int:
-    from lora_alpaca.manifest import write_text_atomic
+    from lora_alpaca.fileio import write_text_atomic
 
     rows = preference_rows(pairs, judged, votes)
     write_text_atomic(Path(path), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lora_alpaca.probe import probe
+from lora_alpaca.generate.probe import probe
 
 REPORT = "report.md"
 CHART = "win_rates.png"
@@ -93,7 +93,7 @@ def _short(text: str, n: int = 300) -> str:
 
 def write_report(out_dir: Path, pairs, results, judged, votes, model_rows, reference_rows) -> None:
     from lora_alpaca.evaluate.human import tally
-    from lora_alpaca.manifest import write_text_atomic
+    from lora_alpaca.fileio import write_text_atomic
 
     human = tally(votes) if votes else None
     m, r = results["model"], results["reference"]

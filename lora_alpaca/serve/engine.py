@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lora_alpaca.generation import safe_stream_prefix
+from lora_alpaca.generate.engine import safe_stream_prefix
 from lora_alpaca.prompts import cut_at_stop
 
 

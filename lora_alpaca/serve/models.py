@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lora_alpaca.errors import UsageError
-from lora_alpaca.generation import eos_token_ids
+from lora_alpaca.generate.engine import eos_token_ids
 from lora_alpaca.prompts import PromptTemplate, load_template
 
 BASE_ID = "base"
@@ -65,8 +65,13 @@ def _context_len(model, tokenizer) -> int:
 
 def load_served(cfg) -> ServedModels:
     """Load the base (+ first adapter) the way generate.py always does, then the others."""
-    from lora_alpaca.inference import LoadRequest, _check_adapter_files, load_generator
-    from lora_alpaca.manifest import check_base_fingerprint, read_manifest, template_from_manifest
+    from lora_alpaca.generate.loading import LoadRequest, load_generator
+    from lora_alpaca.runfolder import (
+        check_adapter_files,
+        check_base_fingerprint,
+        read_manifest,
+        template_from_manifest,
+    )
 
     paths = list(cfg.lora_weights or [])
     ids = model_ids_for(paths)
@@ -89,7 +94,7 @@ def load_served(cfg) -> ServedModels:
         base_config = gen.model.get_base_model().config
         for n, (path, model_id) in enumerate(zip(paths[1:], ids[1:], strict=True), 1):
             manifest = read_manifest(path)
-            _check_adapter_files(Path(path), cfg.allow_pickle_adapter)
+            check_adapter_files(Path(path), cfg.allow_pickle_adapter, "--allow_pickle_adapter")
             check_base_fingerprint(manifest, base_config, cfg.base_model or ids[0])
             name = f"adapter{n}"  # peft adapter names become module keys: no dots allowed
             try:

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from lora_alpaca import cli
 from lora_alpaca.errors import UsageError
-from lora_alpaca.generation import MODES, DecodingSettings
+from lora_alpaca.generate.engine import MODES, DecodingSettings
+from lora_alpaca.log import log
 from lora_alpaca.serve.flags import ServeFlags, check_api_flags
 
 F = cli.field
@@ -24,7 +25,7 @@ class GenerateConfig(ServeFlags):
     lora_weights: list[str] | None = F(
         None,
         "Adapter folder written by finetune.py (its manifest gives base model and template); "
-        "with --api repeat it to serve several adapters.",
+        "with --api repeat it to serve several adapters (otherwise the last one given is used).",
         multiple=True,
     )
     prompt_template_name: str | None = F(
@@ -105,8 +106,6 @@ def check_flags(cfg: GenerateConfig) -> DecodingSettings:
             raise UsageError(f"--{flag} {getattr(cfg, flag)}: must be >= 1")
     if not 0 <= cfg.server_port <= 65535:
         raise UsageError(f"--server_port {cfg.server_port}: must be 0-65535")
-    if len(cfg.lora_weights or []) > 1 and not cfg.api:
-        raise UsageError("--lora_weights given more than once: several adapters need --api")
     return DecodingSettings(
         cfg.mode,
         cfg.temperature,
@@ -120,7 +119,7 @@ def check_flags(cfg: GenerateConfig) -> DecodingSettings:
 
 
 def main(cfg: GenerateConfig) -> int:
-    from lora_alpaca.batch_generate import check_output_path, read_prompt_rows
+    from lora_alpaca.generate.batch import check_output_path, read_prompt_rows
 
     settings = check_flags(cfg)
     if cfg.api:
@@ -132,12 +131,12 @@ def main(cfg: GenerateConfig) -> int:
     if cfg.probe_report:
         check_output_path(cfg.probe_report)
 
-    from lora_alpaca.inference import LoadRequest, load_generator
+    from lora_alpaca.generate.loading import LoadRequest, load_generator
 
     loaded = load_generator(
         LoadRequest(
             base_model=cfg.base_model,
-            lora_weights=cfg.lora_weights[0] if cfg.lora_weights else None,
+            lora_weights=cfg.lora_weights[-1] if cfg.lora_weights else None,  # last wins
             prompt_template_name=cfg.prompt_template_name,
             quantization=cfg.quantization,
             dtype=cfg.dtype,
@@ -146,16 +145,17 @@ def main(cfg: GenerateConfig) -> int:
         )
     )
     gen = loaded.generator
-    print(f"[generate] {loaded.description}", file=sys.stderr, flush=True)
+    log(loaded.description, tag="generate")
 
     if rows is not None:
-        from lora_alpaca.batch_generate import generate_rows, write_jsonl_atomic, write_text_atomic
+        from lora_alpaca.fileio import write_jsonl_atomic, write_text_atomic
+        from lora_alpaca.generate.batch import generate_rows
 
         answered = generate_rows(gen, rows, settings, cfg.batch_size)
         write_jsonl_atomic(out, answered)
-        print(f"[generate] wrote {len(answered)} rows to {out}", file=sys.stderr)
+        log(f"wrote {len(answered)} rows to {out}", tag="generate")
         if cfg.probe_report:
-            from lora_alpaca.probe import probe, report_markdown
+            from lora_alpaca.generate.probe import probe, report_markdown
 
             setup = (
                 f"{loaded.description}; {cfg.input_file}; {settings.mode}, "
@@ -186,7 +186,7 @@ def main(cfg: GenerateConfig) -> int:
         )
         return 0
 
-    from lora_alpaca.ui import ServerLimits, build_demo, launch
+    from lora_alpaca.generate.ui import ServerLimits, build_demo, launch
 
     limits = ServerLimits(cfg.max_input_chars, cfg.max_new_tokens_limit, cfg.concurrency_limit)
     launch(

@@ -12,8 +12,7 @@ import sys
 from pathlib import Path
 
 from lora_alpaca.errors import UsageError
-from lora_alpaca.generation import DecodingSettings, TextGenerator
-from lora_alpaca.manifest import write_text_atomic  # noqa: F401 - re-exported for generate_app
+from lora_alpaca.generate.engine import DecodingSettings, TextGenerator
 
 
 def _row_fields(row: object, where: str) -> dict:
@@ -105,7 +104,3 @@ def generate_rows(
         bar.update(len(idx))
     bar.close()
     return results  # type: ignore[return-value]
-
-
-def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
-    write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))

@@ -284,7 +284,7 @@ def check_exports(out: Path, refs: list[PromptRef], info, record: dict) -> list[
     """Parity sections for every artifact in `out` (transformers folder and GGUF files)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lora_alpaca.gguf_export import gguf_file_name, load_gguf_model
+    from lora_alpaca.export.gguf import gguf_file_name, load_gguf_model
 
     eos = info.manifest["special_tokens"]["eos_token_id"]
     sections = []
