@@ -72,5 +72,7 @@ def test_cycle_finder_finds_a_cycle():
 
 
 def test_modules_stay_small():
-    big = {module_name(p): n for p in PKG.rglob("*.py") if (n := len(p.read_text().splitlines())) > 420}
+    big = {
+        module_name(p): n for p in PKG.rglob("*.py") if (n := len(p.read_text().splitlines())) > 420
+    }
     assert not big, big

@@ -196,3 +196,17 @@ def main(cfg: GenerateConfig) -> int:
         cfg.share,
     )
     return 0
+
+
+HELP = """Sample from a fine-tuned adapter (or a base / merged model): browser UI, one prompt, or a file.
+
+\b
+python generate.py --lora_weights ./lora-alpaca                       # sampler on 127.0.0.1:7860
+python generate.py --lora_weights ./lora-alpaca --prompt "Tell me about alpacas."
+python generate.py --input_file prompts.jsonl --output_file out.jsonl  # batches, default base
+"""
+
+
+def console_main() -> None:
+    """The `lora-alpaca-generate` console command (same flags as generate.py)."""
+    cli.run(cli.build_command(GenerateConfig, main, help=HELP))
