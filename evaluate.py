@@ -6,30 +6,12 @@ judge model, with win rates, in AlpacaEval's file format.
 python evaluate.py answers --eval_set user_oriented_instructions.jsonl --lora_weights out/quickstart --output_file adapter.json
 python evaluate.py human --model_outputs adapter.json --reference_outputs base.json --output_dir eval/
 python evaluate.py judge --model_outputs adapter.json --reference_outputs base.json --output_dir eval/ --api_base http://127.0.0.1:8000/v1 --judge_model NAME
+
+Every subcommand's flags: `python evaluate.py SUBCOMMAND --help`. The work happens in
+lora_alpaca/evaluate/ (app.py builds the command).
 """
 
-import click
-
-from lora_alpaca import cli
-from lora_alpaca.evaluate import answers, human, judge
-
-SUBCOMMANDS = {
-    "answers": (answers.AnswersConfig, answers.main, "Answer an evaluation set with one system (AlpacaEval model_outputs.json)."),
-    "human": (human.HumanConfig, human.main, "Blind pairwise comparison in the browser: votes, tally, sign test, chart."),
-    "judge": (judge.JudgeConfig, judge.main, "Pairwise comparison by a judge model: win rate, SE, discrete and length-controlled rates, report."),
-}  # fmt: skip
-
-
-def build_group() -> click.Group:
-    group = click.Group(
-        name="evaluate.py", help=__doc__, context_settings={"help_option_names": ["-h", "--help"]}
-    )
-    for name, (config, main, text) in SUBCOMMANDS.items():
-        command = cli.build_command(config, main, help=text)
-        command.name = name
-        group.add_command(command)
-    return group
-
+from lora_alpaca.evaluate.app import console_main
 
 if __name__ == "__main__":
-    cli.run(build_group())
+    console_main()

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lora_alpaca.generate.probe import probe
-
 REPORT = "report.md"
 CHART = "win_rates.png"
 
@@ -94,6 +92,10 @@ def _short(text: str, n: int = 300) -> str:
 def write_report(out_dir: Path, pairs, results, judged, votes, model_rows, reference_rows) -> None:
     from lora_alpaca.evaluate.human import tally
     from lora_alpaca.fileio import write_text_atomic
+
+    # Here, not at module level: generate/__init__ loads torch + transformers, and the human
+    # page imports this module (tally_chart) when the last vote is cast.
+    from lora_alpaca.generate.probe import probe
 
     human = tally(votes) if votes else None
     m, r = results["model"], results["reference"]
