@@ -33,13 +33,27 @@ def field(
     choices: list[str] | None = None,
     aliases: tuple = (),
     multiple: bool = False,
+    tags: tuple = (),
 ):
     """A dataclass field with the metadata `build_command` reads (`multiple`: the flag may
-    be repeated, `--x a --x b`, and the field holds a list or None)."""
-    meta = {"help": help, "choices": choices, "aliases": aliases, "multiple": multiple}
+    be repeated, `--x a --x b`, and the field holds a list or None). `tags` mark what a setting
+    is (e.g. "lora": part of the adapter's recipe; "resume": changing it makes a resumed run
+    a different run), so such lists are read off the dataclass instead of kept by hand."""
+    meta = {
+        "help": help,
+        "choices": choices,
+        "aliases": aliases,
+        "multiple": multiple,
+        "tags": tags,
+    }
     if isinstance(default, list):
         return dataclasses.field(default_factory=lambda: list(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
+
+
+def tagged_fields(cls, tag: str) -> tuple[str, ...]:
+    """Names of `cls`'s fields carrying `tag`, in declaration order."""
+    return tuple(f.name for f in dataclasses.fields(cls) if tag in f.metadata.get("tags", ()))
 
 
 class BoolParam(click.ParamType):

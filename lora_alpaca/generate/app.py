@@ -106,16 +106,7 @@ def check_flags(cfg: GenerateConfig) -> DecodingSettings:
             raise UsageError(f"--{flag} {getattr(cfg, flag)}: must be >= 1")
     if not 0 <= cfg.server_port <= 65535:
         raise UsageError(f"--server_port {cfg.server_port}: must be 0-65535")
-    return DecodingSettings(
-        cfg.mode,
-        cfg.temperature,
-        cfg.top_p,
-        cfg.top_k,
-        cfg.num_beams,
-        cfg.repetition_penalty,
-        cfg.max_new_tokens,
-        cfg.seed,
-    ).validate()
+    return DecodingSettings.from_config(cfg).validate()
 
 
 def main(cfg: GenerateConfig) -> int:
