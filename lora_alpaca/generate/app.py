@@ -87,6 +87,49 @@ class GenerateConfig(ServeFlags):
     allow_pickle_adapter: bool = F(
         False, "Allow adapter_model.bin (a pickle) when no safetensors adapter exists."
     )
+    # Safeguards (lora_alpaca/safeguards): both off by default.
+    watermark: bool = F(False, "Watermark every answer (green-list scheme, transformers).")
+    watermark_key: int | None = F(
+        None, "Watermark key; default: the key file's, else a new secret one saved there."
+    )
+    watermark_key_file: str | None = F(
+        None,
+        "Key file (JSON, 0600); default: watermark_key.json beside --output_file, else in "
+        "--lora_weights, else here (detection also looks beside the texts).",
+    )
+    watermark_greenlist_ratio: float = F(0.25, "Share of the vocabulary that is green.")
+    watermark_bias: float = F(2.0, "Logit bias added to green tokens (stronger = more visible).")
+    watermark_seeding_scheme: str = F(
+        "lefthash", "Green list seeded by the previous token(s) or the token itself.",
+        choices=["lefthash", "selfhash"],
+    )  # fmt: skip
+    watermark_context_width: int = F(1, "Previous tokens that seed the green list.")
+    detect_watermark: str | None = F(
+        None, "JSONL of texts ('response' or 'text') to score for the watermark -> --output_file."
+    )
+    watermark_z_threshold: float = F(4.0, "Detector: z-score above which a text is watermarked.")
+    watermark_min_tokens: int = F(16, "Detector: fewer scored tokens than this = too short.")
+    moderation: str = F(
+        "none", "Content filter on prompts and outputs: none, keywords, openai or "
+        "python:MODULE:FUNCTION.",
+    )  # fmt: skip
+    moderation_keywords: str | None = F(
+        None, "Word/phrase list for --moderation keywords; default: the starter list shipped."
+    )
+    moderation_api_base: str | None = F(
+        None, "--moderation openai: base URL, /moderations is appended (key: $MODERATION_API_KEY "
+        "or $OPENAI_API_KEY).",
+    )  # fmt: skip
+    moderation_model: str | None = F(None, "--moderation openai: model name to ask for.")
+    moderation_threshold: float = F(0.5, "--moderation openai: flag when a category score >= this.")
+    moderation_timeout: float = F(10.0, "--moderation openai: seconds before it counts as down.")
+    moderation_window: int = F(64, "Streaming: check the output every this many new characters.")
+    moderation_refusal: str = F(
+        "Sorry, I can't help with that.", "What a flagged prompt or answer gets instead."
+    )
+    moderation_fail_open: bool = F(
+        False, "When the filter is unreachable, let text through (default: refuse)."
+    )
 
 
 def check_flags(cfg: GenerateConfig) -> DecodingSettings:
@@ -101,7 +144,7 @@ def check_flags(cfg: GenerateConfig) -> DecodingSettings:
         raise UsageError("--prompt: empty instruction")
     if cfg.input is not None and cfg.prompt is None:
         raise UsageError("--input needs --prompt (rows of --input_file carry their own input)")
-    if bool(cfg.input_file) != bool(cfg.output_file):
+    if bool(cfg.input_file) != bool(cfg.output_file) and not cfg.detect_watermark:
         raise UsageError("--input_file and --output_file go together")
     if cfg.probe_report and not cfg.input_file:
         raise UsageError("--probe_report needs --input_file and --output_file")
@@ -113,15 +156,42 @@ def check_flags(cfg: GenerateConfig) -> DecodingSettings:
     return DecodingSettings.from_config(cfg).validate()
 
 
+def request_of(cfg: GenerateConfig):
+    from lora_alpaca.generate.loading import LoadRequest
+
+    return LoadRequest(
+        base_model=cfg.base_model,
+        lora_weights=cfg.lora_weights[-1] if cfg.lora_weights else None,  # last wins
+        prompt_template_name=cfg.prompt_template_name,
+        quantization=cfg.quantization,
+        dtype=cfg.dtype,
+        trust_remote_code=cfg.trust_remote_code,
+        allow_pickle_adapter=cfg.allow_pickle_adapter,
+    )
+
+
+def load_generator(req):
+    from lora_alpaca.generate.loading import load_generator as load
+
+    return load(req)
+
+
 def main(cfg: GenerateConfig) -> int:
     from lora_alpaca.fileio import check_output_file
     from lora_alpaca.generate.batch import read_prompt_rows
 
     settings = check_flags(cfg)
+    if cfg.detect_watermark:
+        from lora_alpaca.safeguards.setup import run_detect
+
+        return run_detect(cfg, lambda: load_generator(request_of(cfg)).generator)
+    from lora_alpaca.safeguards.setup import build_safeguards
+
+    safeguards = build_safeguards(cfg)
     if cfg.api:
         from lora_alpaca.serve.app import serve
 
-        return serve(cfg, check_api_flags(cfg))
+        return serve(cfg, check_api_flags(cfg), safeguards)
     rows = read_prompt_rows(cfg.input_file) if cfg.input_file else None
     inputs = {"--input_file": cfg.input_file}
     out = None
@@ -138,20 +208,9 @@ def main(cfg: GenerateConfig) -> int:
             overwrite=cfg.overwrite_output_file,
         )
 
-    from lora_alpaca.generate.loading import LoadRequest, load_generator
-
-    loaded = load_generator(
-        LoadRequest(
-            base_model=cfg.base_model,
-            lora_weights=cfg.lora_weights[-1] if cfg.lora_weights else None,  # last wins
-            prompt_template_name=cfg.prompt_template_name,
-            quantization=cfg.quantization,
-            dtype=cfg.dtype,
-            trust_remote_code=cfg.trust_remote_code,
-            allow_pickle_adapter=cfg.allow_pickle_adapter,
-        )
-    )
+    loaded = load_generator(request_of(cfg))
     gen = loaded.generator
+    gen.safeguards = safeguards
     log(loaded.description, tag="generate")
     ctx = gen.context_len()
     if ctx and settings.max_new_tokens > ctx:
@@ -217,7 +276,10 @@ HELP = """Sample from a fine-tuned adapter (or a base / merged model): browser U
 \b
 python generate.py --lora_weights ./lora-alpaca                       # sampler on 127.0.0.1:7860
 python generate.py --lora_weights ./lora-alpaca --prompt "Tell me about alpacas."
+python generate.py --lora_weights ./lora-alpaca --api                 # OpenAI API on 127.0.0.1:7860/v1
 python generate.py --input_file prompts.jsonl --output_file out.jsonl  # batches, default base
+python generate.py --lora_weights ./lora-alpaca --watermark --moderation keywords  # safeguards
+python generate.py --detect_watermark out.jsonl --output_file scores.jsonl  # find the watermark
 """
 
 

@@ -22,7 +22,7 @@ from lora_alpaca.errors import UsageError
 from lora_alpaca.prompts import PromptTemplate, cut_at_stop
 
 MODES = ("greedy", "sample", "beam")
-FINISH_REASONS = ("eos", "stop_string", "length")
+FINISH_REASONS = ("eos", "stop_string", "length", "content_filter")
 
 
 @dataclass(frozen=True)
@@ -91,7 +91,10 @@ def eos_token_ids(model, tokenizer) -> list[int]:
 
 
 def build_generation_config(
-    settings: DecodingSettings, model, tokenizer, stop_strings: Sequence[str]
+    settings: DecodingSettings,
+    model,
+    tokenizer,
+    stop_strings: Sequence[str],
 ):
     """A GenerationConfig that sets only what the mode uses (so no sampler flag is silently inert)."""
     from transformers import GenerationConfig
@@ -207,6 +210,7 @@ class TextGenerator:
         self.device = device or next(model.parameters()).device
         self.eos_ids = eos_token_ids(model, tokenizer)
         self.lock = threading.Lock()
+        self.safeguards = None  # lora_alpaca.safeguards.guard.Safeguards: watermark + filter
         model.eval()
 
     @property
@@ -242,20 +246,55 @@ class TextGenerator:
             return dataclasses.replace(settings, max_new_tokens=max(1, ctx - prompt_len))
         return settings
 
+    def _config(self, settings: DecodingSettings):
+        return build_generation_config(settings, self.model, self.tokenizer, self.stop_strings)
+
+    def _processors(self) -> list:
+        """The watermark, when on: transformers' own WatermarkLogitsProcessor, passed as a
+        custom processor so it acts *before* temperature/top-k/top-p (generation_config's
+        watermarking_config applies it after them, where the default top_p 0.9 leaves few
+        green tokens to pick from: z about 2 instead of 7 on SmolLM2, bench/watermark_rates.py)."""
+        mark = self.safeguards.watermark if self.safeguards else None
+        if mark is None:
+            return []
+        vocab = self.model.config.get_text_config().vocab_size
+        return [mark.transformers_config().construct_processor(vocab, self.device)]
+
+    def _refused(self, text: str = "") -> GenerationResult:
+        n = len(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else 0
+        return GenerationResult(self.safeguards.refusal, "content_filter", n)
+
     def generate(
         self, prompts: Sequence[str], settings: DecodingSettings, use_adapter: bool = True
     ) -> list[GenerationResult]:
-        """Generate for a batch of full prompts (already templated)."""
+        """Generate for a batch of full prompts (already templated); with a content filter,
+        flagged prompts are not generated and flagged answers are replaced by the refusal."""
+        guard = self.safeguards
+        if guard is None or guard.moderator is None:
+            return self._generate(prompts, settings, use_adapter)
+        blocked = [guard.check(p, "prompt") is not None for p in prompts]
+        todo = [p for p, b in zip(prompts, blocked, strict=True) if not b]
+        done = iter(self._generate(todo, settings, use_adapter) if todo else [])
+        results = [self._refused() if b else next(done) for b in blocked]
+        return [r if r.finish_reason == "content_filter" or not guard.check(r.text, "output")
+                else self._refused(r.text) for r in results]  # fmt: skip
+
+    def _generate(
+        self, prompts: Sequence[str], settings: DecodingSettings, use_adapter: bool = True
+    ) -> list[GenerationResult]:
         settings.validate()
         with self.lock:
             enc = self._encode(prompts)
             settings = self.within_context(settings, enc["input_ids"].shape[1])
-            config = build_generation_config(
-                settings, self.model, self.tokenizer, self.stop_strings
-            )
+            config = self._config(settings)
             torch.manual_seed(settings.seed)
             with torch.inference_mode(), self._adapter_context(use_adapter):
-                out = self.model.generate(**enc, generation_config=config, tokenizer=self.tokenizer)
+                out = self.model.generate(
+                    **enc,
+                    generation_config=config,
+                    tokenizer=self.tokenizer,
+                    logits_processor=self._processors(),
+                )
         new = out[:, enc["input_ids"].shape[1] :].tolist()
         return [finish(row, self.tokenizer, self.eos_ids, self.stop_strings) for row in new]
 
@@ -265,17 +304,33 @@ class TextGenerator:
         """Yield (text so far, None) while generating, then (final text, result) once.
 
         Beam search cannot stream in transformers (it only knows the best beam at the
-        end), so in beam mode this yields the final answer only.
+        end), so in beam mode this yields the final answer only. With a content filter the
+        text arrives window by window, each passed by the filter (safeguards.guard).
         """
+        guard = self.safeguards
+        if guard is None or guard.moderator is None:
+            yield from self._stream(prompt, settings, use_adapter)
+            return
+        from lora_alpaca.safeguards.guard import moderated_stream
+
+        if guard.check(prompt, "prompt"):
+            yield guard.refusal, self._refused()
+            return
+        pieces = self._stream(prompt, settings, use_adapter)
+        yield from moderated_stream(pieces, guard, self._refused)
+
+    def _stream(
+        self, prompt: str, settings: DecodingSettings, use_adapter: bool = True
+    ) -> Iterator[tuple[str, GenerationResult | None]]:
         settings.validate()
         if settings.mode == "beam":
-            result = self.generate([prompt], settings, use_adapter)[0]
+            result = self._generate([prompt], settings, use_adapter)[0]
             yield result.text, result
             return
         from transformers import StoppingCriteriaList, TextIteratorStreamer
 
         settings = self.within_context(settings, self.prompt_tokens(prompt))
-        config = build_generation_config(settings, self.model, self.tokenizer, self.stop_strings)
+        config = self._config(settings)
         cancel = _Cancelled()
         streamer = TextIteratorStreamer(
             self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600
@@ -291,6 +346,7 @@ class TextGenerator:
                         tokenizer=self.tokenizer,
                         streamer=streamer,
                         stopping_criteria=StoppingCriteriaList([cancel]),
+                        logits_processor=self._processors(),
                     )
             except BaseException as e:  # re-raised in the caller's thread below
                 holder["error"] = e

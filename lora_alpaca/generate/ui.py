@@ -20,6 +20,7 @@ import gradio as gr  # noqa: E402
 
 from lora_alpaca.errors import UsageError  # noqa: E402
 from lora_alpaca.generate.engine import MODES, DecodingSettings, TextGenerator  # noqa: E402
+from lora_alpaca.safeguards.moderation import ModerationUnavailable  # noqa: E402
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
@@ -125,13 +126,17 @@ def respond(
     compare = bool(compare) and gen.has_adapter
     answer, base = "", ""
     result = base_result = None
-    for answer, final in gen.stream(prompt, settings, use_adapter=True):
-        result = final or result
-        yield answer, base, "generating…"
-    if compare:  # same prompt, same seed, adapter switched off on the same weights
-        for base, final in gen.stream(prompt, settings, use_adapter=False):
-            base_result = final or base_result
-            yield answer, base, "generating the base model's answer…"
+    try:
+        for answer, final in gen.stream(prompt, settings, use_adapter=True):
+            result = final or result
+            yield answer, base, "generating…"
+        if compare:  # same prompt, same seed, adapter switched off on the same weights
+            for base, final in gen.stream(prompt, settings, use_adapter=False):
+                base_result = final or base_result
+                yield answer, base, "generating the base model's answer…"
+    except ModerationUnavailable:  # fail closed: no unchecked text reaches the page
+        yield "", "", "⚠️ The content filter is unavailable, so this request was refused."
+        return
     status = f"ended by {result.finish_reason} after {result.new_tokens} tokens"
     if base_result is not None:
         status += f"; base: {base_result.finish_reason} after {base_result.new_tokens} tokens"

@@ -23,8 +23,16 @@ DISCONNECT_POLL_S = 0.25
 
 
 def build_app(
-    served, batcher: Batcher, limits: Limits, api_key: str | None, max_body: int, timeout_s: float
+    served,
+    batcher: Batcher,
+    limits: Limits,
+    api_key: str | None,
+    max_body: int,
+    timeout_s: float,
+    guard=None,  # lora_alpaca.safeguards.guard.Safeguards (--moderation / --watermark)
 ) -> FastAPI:
+    from lora_alpaca.safeguards import api as safeguards
+
     app = FastAPI(title="lora-alpaca OpenAI-compatible API", docs_url=None, redoc_url=None)
     started = int(time.time())
 
@@ -100,6 +108,14 @@ def build_app(
         except ValidationError as e:
             raise from_validation(e) from None
         plan = plan_request(served, req, limits)
+        if safeguards.check(guard, safeguards.request_text(req), "prompt"):
+            finals = [safeguards.refused(guard) for _ in plan.specs]
+            if plan.stream:
+                return StreamingResponse(
+                    stream(request, plan, [Row(s, None) for s in plan.specs], None, finals),
+                    media_type="text/event-stream",
+                )
+            return full_response(plan, new_id(plan.kind), [[] for _ in finals], finals)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         deadline = time.monotonic() + timeout_s
@@ -153,11 +169,25 @@ def build_app(
         finally:
             for r in rows:  # client gone, timed out or failed: free its batch slots
                 r.cancel.set()
+        finals = [
+            safeguards.refused(guard, f.completion_tokens)
+            if safeguards.check(guard, f.text, "output")
+            else f
+            for f in finals
+        ]
         return full_response(plan, new_id(plan.kind), logprobs, finals)
 
-    async def stream(request: Request, plan: Plan, rows: list[Row], events: asyncio.Queue):
+    async def stream(request: Request, plan: Plan, rows: list[Row], events, refusals=None):
         rid, created = new_id(plan.kind), int(time.time())
         finals: list[Final | None] = [None] * len(rows)
+        windows = None
+        if guard is not None and guard.moderator is not None:
+            windows = [safeguards.StreamWindow(guard) for _ in rows]
+        if refusals is not None:  # a flagged prompt: every choice is the refusal
+            events = asyncio.Queue()
+            for i, f in enumerate(refusals):
+                events.put_nowait((i, f))
+            windows = None
         offsets = [0] * len(rows)
 
         def sse(obj) -> str:
@@ -198,6 +228,17 @@ def build_app(
                         }
                     )
                     break
+                if windows is not None:  # only text the filter has passed goes out
+                    try:
+                        ev = windows[i].filter(ev)
+                    except ApiError as e:  # filter unreachable mid-stream: fail closed
+                        yield sse({"error": {"message": e.message, "type": "server_error",
+                                             "param": None, "code": e.code}})  # fmt: skip
+                        break
+                    if ev is None:
+                        continue
+                    if isinstance(ev, Final) and ev.finish_reason == "content_filter":
+                        rows[i].cancel.set()
                 delta = ev if isinstance(ev, Delta) else ev.rest
                 if delta.text or delta.logprobs:
                     yield sse(chunk(plan, rid, created, i, delta, offset=offsets[i]))
@@ -228,6 +269,8 @@ def build_app(
             for r in rows:
                 r.cancel.set()
 
+    safeguards.add_moderations_route(app, guard, check_auth)
+
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         return await answer(request, ChatRequest)
@@ -239,7 +282,7 @@ def build_app(
     return app
 
 
-def serve(cfg, api_key: str | None) -> int:
+def serve(cfg, api_key: str | None, guard=None) -> int:
     import uvicorn
 
     from lora_alpaca.serve.models import load_served
@@ -254,7 +297,14 @@ def serve(cfg, api_key: str | None) -> int:
     limits = Limits(
         cfg.api_max_n, cfg.api_max_prompt_chars, cfg.max_new_tokens_limit, cfg.max_new_tokens
     )
-    app = build_app(served, batcher, limits, api_key, cfg.api_max_body_bytes, cfg.api_timeout_s)
+    served.watermark_processor = None
+    if guard is not None and guard.watermark is not None:
+        vocab = served.model.config.get_text_config().vocab_size
+        mark = guard.watermark.transformers_config()
+        served.watermark_processor = mark.construct_processor(vocab, served.device)
+    app = build_app(
+        served, batcher, limits, api_key, cfg.api_max_body_bytes, cfg.api_timeout_s, guard
+    )
     print(
         f"[generate] {served.description}; API on http://{cfg.server_name}:{cfg.server_port}/v1 "
         f"(models: {', '.join(served.entries)}; auth {'on' if api_key else 'off'})",

@@ -105,4 +105,5 @@ def run_rows(served, model_id: str, rows: list[Row]) -> list[str]:
             model.set_adapter(entry.adapter_name)
         ctx = contextlib.nullcontext()
     with ctx:
-        return run_batch(model, served.tokenizer, rows, served.eos_ids, served.device)
+        mark = getattr(served, "watermark_processor", None)
+        return run_batch(model, served.tokenizer, rows, served.eos_ids, served.device, mark)

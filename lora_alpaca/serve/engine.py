@@ -133,9 +133,12 @@ def _sample(logits: torch.Tensor, spec: RowSpec, gen: torch.Generator) -> int:
     return int(torch.multinomial(probs, 1, generator=gen))
 
 
-def run_batch(model, tokenizer, rows: list[Row], eos_ids: list[int], device) -> list[str]:
+def run_batch(
+    model, tokenizer, rows: list[Row], eos_ids: list[int], device, watermark=None
+) -> list[str]:
     """Decode `rows` (one adapter already active) until each ends; events go to row.emit.
-    Returns each row's finish reason."""
+    `watermark`: a transformers WatermarkLogitsProcessor (--watermark), applied per row
+    before sampling, as TextGenerator does. Returns each row's finish reason."""
     states = [_RowState(r, tokenizer, device) for r in rows]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
     width = max(len(r.spec.prompt_ids) for r in rows)
@@ -182,7 +185,16 @@ def run_batch(model, tokenizer, rows: list[Row], eos_ids: list[int], device) -> 
                     next_ids.append(pad)
                     continue
                 spec = st.spec
-                tok = greedy[i] if spec.temperature == 0 else _sample(logits[i], spec, st.gen)
+                if watermark is not None:  # its green list is seeded by the row's own ids
+                    seq = torch.tensor([list(spec.prompt_ids) + st.generated], device=device)
+                    row_logits = watermark(seq, logits[i : i + 1])[0]
+                    tok = (
+                        int(row_logits.argmax())
+                        if spec.temperature == 0
+                        else _sample(row_logits, spec, st.gen)
+                    )
+                else:
+                    tok = greedy[i] if spec.temperature == 0 else _sample(logits[i], spec, st.gen)
                 lp = None
                 if spec.top_logprobs is not None:
                     lp = _token_logprob(tokenizer, logprobs[i], tok, spec.top_logprobs)

@@ -11,7 +11,7 @@ from lora_alpaca.serve.errors import ApiError
 from lora_alpaca.serve.render import render_chat
 from lora_alpaca.serve.schemas import ChatRequest, CompletionRequest
 
-FINISH = {"stop": "stop", "length": "length"}
+FINISH = {"stop": "stop", "length": "length", "content_filter": "content_filter"}
 
 
 @dataclass

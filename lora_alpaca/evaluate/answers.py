@@ -1,0 +1,159 @@
+"""`evaluate.py answers`: answer an evaluation set with one system and write AlpacaEval's
+`model_outputs.json` (`[{instruction, output, generator, dataset}]`, plus `finish_reason`
+and `new_tokens` for the probe; AlpacaEval ignores extra keys).
+
+A system is a local base / adapter / merged model / GGUF (the project's engine, batched by
+prompt length like `generate.py --input_file`) or any OpenAI-compatible endpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from lora_alpaca import cli
+from lora_alpaca.errors import UsageError
+from lora_alpaca.evaluate.sets import alpaca_eval_instruction, read_eval_set
+
+F = cli.field
+
+
+@dataclass
+class AnswersConfig:
+    eval_set: str = F(
+        "",
+        "Prompts: self-instruct JSONL (the 252 user-oriented prompts), AlpacaEval JSON, Alpaca rows or plain JSONL of instructions.",
+    )
+    output_file: str = F("", "Where the answers go, AlpacaEval format (e.g. model_outputs.json).")
+    generator: str = F(
+        "", "System name written in every row (default: adapter/base/endpoint model name)."
+    )
+    base_model: str | None = F(
+        None, "Local base model folder, .gguf or name; default: the adapter's base, else SmolLM2."
+    )
+    lora_weights: str | None = F(None, "Local adapter folder written by finetune.py.")
+    prompt_template_name: str | None = F(
+        None, "Template for local models; default: the adapter's own, else alpaca."
+    )
+    api_base: str | None = F(
+        None, "OpenAI-compatible endpoint (e.g. http://127.0.0.1:8000/v1) instead of a local model."
+    )
+    api_model: str = F("", "Model name sent to --api_base.")
+    api_key_env: str = F(
+        "OPENAI_API_KEY", "Environment variable holding the endpoint's key (unset: 'none')."
+    )
+    max_new_tokens: int = F(256, "Most tokens per answer.")
+    batch_size: int = F(8, "Prompts per batch for local models.")
+    limit: int = F(0, "Answer only the first N prompts (0 = all).")
+    overwrite: bool = F(False, "Replace --output_file if it exists.")
+
+
+def check(cfg: AnswersConfig) -> Path:
+    if not cfg.eval_set:
+        raise UsageError("--eval_set is required (a JSON/JSONL file of prompts)")
+    if not cfg.output_file:
+        raise UsageError("--output_file is required (e.g. model_outputs.json)")
+    out = Path(cfg.output_file)
+    if out.is_dir():
+        raise UsageError(f"--output_file {out}: is a folder; give a file name")
+    if not out.parent.resolve().is_dir():
+        raise UsageError(f"--output_file {out}: folder {str(out.parent)!r} does not exist")
+    if out.exists() and not cfg.overwrite:
+        raise UsageError(f"--output_file {out}: exists; pass --overwrite to replace it")
+    if cfg.api_base and (cfg.lora_weights or cfg.base_model):
+        raise UsageError("--api_base and a local model (--base_model/--lora_weights): give one")
+    if cfg.api_base and not cfg.api_model:
+        raise UsageError("--api_base needs --api_model (the model name the endpoint serves)")
+    for flag in ("max_new_tokens", "batch_size"):
+        if getattr(cfg, flag) < 1:
+            raise UsageError(f"--{flag} {getattr(cfg, flag)}: must be >= 1")
+    if cfg.limit < 0:
+        raise UsageError(f"--limit {cfg.limit}: must be >= 0")
+    return out
+
+
+def _local_answers(cfg: AnswersConfig, rows: list[dict]) -> tuple[list[dict], str]:
+    from lora_alpaca.generate.batch import generate_rows
+    from lora_alpaca.generate.engine import DecodingSettings
+    from lora_alpaca.generate.loading import LoadRequest, load_generator
+
+    loaded = load_generator(
+        LoadRequest(
+            base_model=cfg.base_model,
+            lora_weights=cfg.lora_weights,
+            prompt_template_name=cfg.prompt_template_name,
+        )
+    )
+    print(f"[evaluate] {loaded.description}", file=sys.stderr, flush=True)
+    settings = DecodingSettings(max_new_tokens=cfg.max_new_tokens).validate()
+    answered = generate_rows(loaded.generator, rows, settings, cfg.batch_size)
+    name = cfg.generator or (
+        Path(cfg.lora_weights).name
+        if cfg.lora_weights
+        else f"base-{Path(cfg.base_model or 'smollm2').name}"
+    )
+    return answered, name
+
+
+def _api_answers(cfg: AnswersConfig, rows: list[dict]) -> tuple[list[dict], str]:
+    import openai
+
+    client = openai.OpenAI(
+        base_url=cfg.api_base, api_key=os.environ.get(cfg.api_key_env) or "none", max_retries=2
+    )
+    answered = []
+    for i, r in enumerate(rows):
+        try:
+            resp = client.chat.completions.create(
+                model=cfg.api_model,
+                messages=[
+                    {
+                        "role": "user",
+                        "content": alpaca_eval_instruction(r["instruction"], r["input"]),
+                    }
+                ],
+                max_tokens=cfg.max_new_tokens,
+                temperature=0,
+            )
+        except openai.APIConnectionError:
+            raise UsageError(f"--api_base {cfg.api_base}: cannot connect") from None
+        except openai.APIStatusError as e:
+            raise UsageError(
+                f"--api_base {cfg.api_base}: prompt {i}: HTTP {e.status_code}"
+            ) from None
+        choice = resp.choices[0]
+        reason = {"stop": "eos", "length": "length"}.get(choice.finish_reason, choice.finish_reason)
+        tokens = resp.usage.completion_tokens if resp.usage else 0
+        answered.append(
+            {
+                **r,
+                "response": choice.message.content or "",
+                "finish_reason": reason,
+                "new_tokens": tokens,
+            }
+        )
+    return answered, cfg.generator or cfg.api_model
+
+
+def main(cfg: AnswersConfig) -> int:
+    from lora_alpaca.fileio import write_text_atomic
+
+    out = check(cfg)
+    rows = read_eval_set(cfg.eval_set, "--eval_set", cfg.limit)
+    answered, name = (_api_answers if cfg.api_base else _local_answers)(cfg, rows)
+    records = [
+        {
+            "instruction": alpaca_eval_instruction(a["instruction"], a["input"]),
+            "output": a["response"],
+            "generator": name,
+            "dataset": a["dataset"],
+            "finish_reason": a["finish_reason"],
+            "new_tokens": a["new_tokens"],
+        }
+        for a in answered
+    ]
+    write_text_atomic(out, json.dumps(records, indent=2, ensure_ascii=False) + "\n")
+    print(f"[evaluate] wrote {len(records)} answers by {name!r} to {out}", file=sys.stderr)
+    return 0
