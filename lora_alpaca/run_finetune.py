@@ -158,6 +158,9 @@ def run_training(cfg: FinetuneConfig) -> int:
         val_set_size=cfg.val_set_size,
         seed=cfg.seed,
         allow_unsupervised=cfg.allow_unsupervised,
+        data_format=cfg.data_format,
+        chat_template=cfg.chat_template,
+        train_on_turns=cfg.train_on_turns,
     )
     prepared = prepare_data(opts, tokenizer, template, for_training=not cfg.audit_only)
     if int(os.environ.get("RANK", "0")) == 0:
@@ -168,6 +171,16 @@ def run_training(cfg: FinetuneConfig) -> int:
         )
     if cfg.audit_only:
         return 0
+    from lora_alpaca.chat_template import build_renderer
+    from lora_alpaca.data import conversation_renderer
+
+    # The template of training is the template of every artifact: conversation rows keep
+    # their chat template, Alpaca rows get the multi-turn alpaca form of their prompt.
+    renderer = (
+        conversation_renderer(opts, tokenizer, template)
+        if prepared.audit.conversation
+        else build_renderer(tokenizer, "alpaca", template)
+    )
     if len(prepared.train) < cfg.batch_size:
         raise UsageError(
             f"--batch_size {cfg.batch_size} is larger than the {len(prepared.train)} training rows; lower it"
@@ -265,6 +278,9 @@ def run_training(cfg: FinetuneConfig) -> int:
             dtype=precision.label,
             lora=lora,
         )
+        manifest["data_format"] = prepared.audit.conversation.get("format", "alpaca")
+        manifest["chat_template"] = renderer.to_manifest()
+        tokenizer.chat_template = renderer.jinja_source  # saved with the adapter
         run_info = {
             "config": cfg.to_dict(),
             "versions": library_versions(),

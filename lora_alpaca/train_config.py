@@ -42,6 +42,20 @@ class FinetuneConfig:
         "Alpaca-format data: .json (array), .jsonl, .csv, .parquet, a folder of those, or a datasets hub id. Rows have instruction, input (optional), output.",
         aliases=("--data_path",),
     )
+    data_format: str = field(
+        "auto",
+        "Row format: alpaca (instruction/input/output), sharegpt ({conversations: [{from, value}]}), messages ({messages: [{role, content}]}), or auto (detected from the rows).",
+        choices=["auto", "alpaca", "sharegpt", "messages"],
+    )
+    chat_template: str | None = field(
+        None,
+        "Conversations: base (the base tokenizer's chat template; the default when it has one), alpaca (multi-turn form of --prompt_template_name; the default otherwise), or a path to a .jinja file.",
+    )
+    train_on_turns: str = field(
+        "all",
+        "Conversations: learn every assistant turn (all) or only the last one (last).",
+        choices=["all", "last"],
+    )
     instruction_column: str = field("instruction", "Column holding the instruction.")
     input_column: str = field("input", "Column holding the optional input/context.")
     output_column: str = field("output", "Column holding the response to learn.")
@@ -178,6 +192,9 @@ RESUME_KEYS = (
     "base_model",
     "quantization",
     "dtype",
+    "data_format",
+    "chat_template",
+    "train_on_turns",
     "instruction_column",
     "input_column",
     "output_column",
