@@ -284,10 +284,9 @@ def check_exports(out: Path, refs: list[PromptRef], info, record: dict) -> list[
     """Parity sections for every artifact in `out` (transformers folder and GGUF files)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lora_alpaca.gguf_export import gguf_file_name, load_gguf_model
-
     from lora_alpaca.chat_template import renderer_from_manifest
     from lora_alpaca.export import load_tokenizer_for
+    from lora_alpaca.gguf_export import gguf_file_name, load_gguf_model
     from lora_alpaca.template_parity import template_parity
 
     eos = info.manifest["special_tokens"]["eos_token_id"]
