@@ -113,6 +113,20 @@ def check_flags(cfg: GenerateConfig) -> DecodingSettings:
     ).validate()
 
 
+def chat_renderer_for(cfg: GenerateConfig, gen):
+    """The adapter's training renderer (chat page first when it trained on conversations),
+    else the base tokenizer's chat template, else the alpaca form of the prompt template."""
+    from lora_alpaca.chat_template import build_renderer, default_spec, renderer_from_manifest
+
+    if cfg.lora_weights:
+        from lora_alpaca.manifest import read_manifest
+
+        manifest = read_manifest(cfg.lora_weights)
+        renderer = renderer_from_manifest(manifest, gen.tokenizer)
+        return renderer, manifest.get("data_format", "alpaca") != "alpaca"
+    return build_renderer(gen.tokenizer, default_spec(gen.tokenizer), gen.template), False
+
+
 def main(cfg: GenerateConfig) -> int:
     from lora_alpaca.batch_generate import check_output_path, read_prompt_rows
 
@@ -176,11 +190,13 @@ def main(cfg: GenerateConfig) -> int:
         )
         return 0
 
-    from lora_alpaca.ui import ServerLimits, build_demo, launch
+    from lora_alpaca.chat_page import build_app
+    from lora_alpaca.ui import ServerLimits, launch
 
     limits = ServerLimits(cfg.max_input_chars, cfg.max_new_tokens_limit, cfg.concurrency_limit)
+    renderer, chat_first = chat_renderer_for(cfg, gen)
     launch(
-        build_demo(gen, loaded.description, settings, limits),
+        build_app(gen, renderer, loaded.description, settings, limits, chat_first),
         cfg.server_name,
         cfg.server_port,
         cfg.share,
