@@ -19,6 +19,23 @@ from lora_alpaca.masking import bos_prefix
 from lora_alpaca.ui import ServerLimits, build_demo, make_settings
 
 
+def message_row(row: dict, where: str) -> dict:
+    """A --input_file row {"messages": [...]} ending with a user turn, checked."""
+    from lora_alpaca.errors import UsageError
+
+    msgs = row["messages"]
+    ok = isinstance(msgs, list) and msgs and all(
+        isinstance(m, dict) and m.get("role") in ("system", "user", "assistant")
+        and isinstance(m.get("content"), str) for m in msgs
+    )  # fmt: skip
+    if not ok or msgs[-1]["role"] != "user":
+        raise UsageError(
+            f"--input_file {where}: 'messages' must be a list of {{role: system|user|assistant, "
+            "content: string}} ending with a user turn"
+        )
+    return {k: v for k, v in row.items() if k in ("id", "messages")}
+
+
 def chat_prompt(renderer: ChatRenderer, system: str, history: list[dict], user: str) -> str:
     """The rendered conversation, ready for the generator (which adds the tokenizer's own
     BOS: a BOS the template writes as text is dropped so the model never sees two)."""

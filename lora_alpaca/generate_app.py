@@ -155,7 +155,8 @@ def main(cfg: GenerateConfig) -> int:
     if rows is not None:
         from lora_alpaca.batch_generate import generate_rows, write_jsonl_atomic, write_text_atomic
 
-        answered = generate_rows(gen, rows, settings, cfg.batch_size)
+        renderer = chat_renderer_for(cfg, gen)[0] if any("messages" in r for r in rows) else None
+        answered = generate_rows(gen, rows, settings, cfg.batch_size, renderer=renderer)
         write_jsonl_atomic(out, answered)
         print(f"[generate] wrote {len(answered)} rows to {out}", file=sys.stderr)
         if cfg.probe_report:

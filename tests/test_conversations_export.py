@@ -106,3 +106,28 @@ def test_chat_adapter_export_template_parity(chatml_model, tmp_path):
     tok.save_pretrained(tmp_path / "tampered")
     bad = template_parity(renderer, tmp_path / "tampered", [])
     assert not bad["passed"] and bad["failures"]
+
+    # generate.py --input_file rows with messages are rendered by the same renderer.
+    rows = tmp_path / "ask.jsonl"
+    rows.write_text(
+        json.dumps({"id": 1, "messages": [{"role": "user", "content": "Say apple."}]})
+        + "\n"
+        + json.dumps({"instruction": "Say stone."})
+        + "\n"
+    )
+    answers = tmp_path / "answers.jsonl"
+    r = run_script(
+        "generate.py",
+        "--lora_weights",
+        adapter,
+        "--input_file",
+        rows,
+        "--output_file",
+        answers,
+        "--max_new_tokens",
+        "4",
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = [json.loads(line) for line in answers.read_text().splitlines()]
+    assert got[0]["id"] == 1 and "messages" in got[0] and "response" in got[0]
+    assert got[1]["instruction"] == "Say stone."
