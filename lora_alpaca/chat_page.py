@@ -77,8 +77,10 @@ def chat_respond(
     for answer, final in gen.stream(prompt, settings, use_adapter=True):
         result = final or result
         yield asked + [{"role": "assistant", "content": answer}], asked, "generating…"
-    status = f"ended by {result.finish_reason} after {result.new_tokens} tokens"
+    turn = sum(m["role"] == "user" for m in asked)
+    status = f"turn {turn}: ended by {result.finish_reason} after {result.new_tokens} tokens"
     if compare and gen.has_adapter:
+        status += "; base model answered beside it"
         for base, _final in gen.stream(prompt, settings, use_adapter=False):
             yield (
                 asked + [{"role": "assistant", "content": answer}],
