@@ -36,11 +36,23 @@ def message_row(row: dict, where: str) -> dict:
     return {k: v for k, v in row.items() if k in ("id", "messages")}
 
 
+def message_text(content) -> str:
+    """A chat message's text: gradio's Chatbot hands history back as a list of parts
+    ([{"type": "text", "text": ...}]), API clients may send a plain string."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, dict):
+        return str(content.get("text", ""))
+    if isinstance(content, list):
+        return "".join(message_text(part) for part in content)
+    return str(content)
+
+
 def chat_prompt(renderer: ChatRenderer, system: str, history: list[dict], user: str) -> str:
     """The rendered conversation, ready for the generator (which adds the tokenizer's own
     BOS: a BOS the template writes as text is dropped so the model never sees two)."""
     messages = ([{"role": "system", "content": system}] if system.strip() else []) + [
-        {"role": m["role"], "content": m["content"]} for m in history
+        {"role": m["role"], "content": message_text(m["content"])} for m in history
     ]
     text = renderer.render(messages + [{"role": "user", "content": user}])
     bos = renderer.tokenizer.bos_token
@@ -163,7 +175,7 @@ def build_chat(gen, renderer: ChatRenderer, defaults: DecodingSettings, limits: 
         if not history:
             yield [], [], "Nothing to regenerate.", ""
             return
-        last = history.pop()["content"]
+        last = message_text(history.pop()["content"])
         yield from run(system, history, last, compare_with_base, *ctl)
 
     outs = [chat, base_chat, status, user]
