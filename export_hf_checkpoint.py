@@ -11,63 +11,8 @@ codes: 0 exported and parity passed, 1 parity failed (report in OUTPUT_DIR/parit
 2 bad input (one line on stderr, nothing written).
 """
 
-from __future__ import annotations
-
-from dataclasses import dataclass
-
 from lora_alpaca import cli
-
-
-@dataclass
-class ExportConfig:
-    lora_weights: str = cli.field("", help="Adapter folder written by finetune.py (required).")
-    output_dir: str = cli.field(
-        "", help="New folder for the merged model (required; must not exist or be empty)."
-    )
-    base_model: str | None = cli.field(
-        None, help="Override the base model recorded in the adapter (folder, .gguf or hub id)."
-    )
-    dtype: str = cli.field(
-        "bf16", help="Weight dtype of the transformers export.", choices=["bf16", "fp16", "fp32"]
-    )
-    max_shard_size: str = cli.field("2GB", help="Largest safetensors shard, e.g. 500MB, 2GB.")
-    gguf: str = cli.field(
-        "none",
-        help="Also write a GGUF file for llama.cpp / Ollama / LM Studio (LLaMA family).",
-        choices=["none", "f16", "q8_0"],
-    )
-    gguf_only: bool = cli.field(False, help="Write only the GGUF file (needs --gguf).")
-    merge_base: str = cli.field(
-        "auto",
-        help="For adapters trained on a 4-/8-bit base: merge onto the original weights or onto "
-        "the dequantized ones the adapter was trained against (auto: dequantized for those, "
-        "original otherwise). Both are compared with the adapter and reported.",
-        choices=["auto", "original", "dequantized"],
-    )
-    parity_only: bool = cli.field(
-        False, help="Only re-run the parity check on an existing export in --output_dir."
-    )
-    parity_prompts: int = cli.field(
-        8, help="Number of prompts for the parity check (from the training data when available)."
-    )
-    trust_remote_code: bool = cli.field(
-        False, help="Allow model code from the base model's folder/repo to run."
-    )
-    allow_pickle: bool = cli.field(
-        False, help="Allow loading pickled .bin weights (can run code; safetensors otherwise)."
-    )
-
-
-def main(cfg: ExportConfig) -> int:
-    import torch
-
-    from lora_alpaca.export import run_export
-
-    torch.manual_seed(0)
-    return run_export(cfg)
-
-
-command = cli.build_command(ExportConfig, main, help=__doc__.split("\n\n")[0])
+from lora_alpaca.export.app import ExportConfig, command, main  # noqa: F401 - the script's API
 
 if __name__ == "__main__":
     cli.run(command)

@@ -9,8 +9,8 @@ The work happens in lora_alpaca/run_finetune.py (setup -> train -> cleanup).
 """
 
 from lora_alpaca.cli import build_command, run
-from lora_alpaca.run_finetune import run_training
-from lora_alpaca.train_config import FinetuneConfig
+from lora_alpaca.train.config import FinetuneConfig
+from lora_alpaca.train.run import run_training
 
 HELP = """Fine-tune a base model with LoRA on Alpaca-format data and write a verified adapter.
 

@@ -7,7 +7,7 @@ python generate.py --input_file prompts.jsonl --output_file out.jsonl  # batches
 """
 
 from lora_alpaca import cli
-from lora_alpaca.generate_app import GenerateConfig, main
+from lora_alpaca.generate.app import GenerateConfig, main
 
 if __name__ == "__main__":
     cli.run(cli.build_command(GenerateConfig, main, help=__doc__))

@@ -32,8 +32,8 @@ def main() -> None:
     # is inflated by other jobs, CPU time is not; on an idle 2-core machine the cold wall
     # time is about imports + (tokenization CPU / 2) + the rest.
     t0, c0 = time.perf_counter(), time.process_time()
-    from lora_alpaca.audit import format_audit
-    from lora_alpaca.data import DataOptions, prepare_data
+    from lora_alpaca.data.audit import format_audit
+    from lora_alpaca.data.pipeline import DataOptions, prepare_data
     from lora_alpaca.models import load_tokenizer, resolve_base_model
     from lora_alpaca.prompts import load_template
 

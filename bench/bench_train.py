@@ -5,7 +5,7 @@
 
 plain   = HF Trainer + DataCollatorForSeq2Seq (pad to the longest row of each micro-batch),
           fp32 on CPU / fp16 autocast on GPU, full logits, no packing: the alpaca-lora recipe.
-project = lora_alpaca.training.train_loop (the loop finetune.py runs) with the project's
+project = lora_alpaca.train.loop.train_loop (the loop finetune.py runs) with the project's
           model loading (models.load_model / resolve_precision) and LoRA setup.
 Both get the same tokenized rows, LoRA settings, optimizer steps, learning-rate schedule and
 seed. Held-out loss is measured the same way for both: each run's LoRA weights on an fp32
@@ -229,14 +229,14 @@ def run_plain(cfg: BenchConfig, ref, tokenizer, rows: list[dict], device: torch.
 
 
 def run_project(cfg: BenchConfig, ref, tokenizer, rows: list[dict], device: torch.device) -> dict:
-    """lora_alpaca.training.train_loop with the project's model loading and LoRA setup."""
+    """lora_alpaca.train.loop.train_loop with the project's model loading and LoRA setup."""
     from accelerate import Accelerator
     from peft import get_peft_model_state_dict
 
-    from lora_alpaca.lora_setup import add_lora
     from lora_alpaca.models import load_model, resolve_precision
-    from lora_alpaca.train_config import FinetuneConfig
-    from lora_alpaca.training import epoch_windows, train_loop
+    from lora_alpaca.train.config import FinetuneConfig
+    from lora_alpaca.train.loop import epoch_windows, train_loop
+    from lora_alpaca.train.lora_setup import add_lora
 
     fcfg = FinetuneConfig(
         base_model=ref.path,
@@ -303,8 +303,8 @@ def heldout_losses(
     from peft import get_peft_model, set_peft_model_state_dict
     from transformers import AutoModelForCausalLM
 
-    from lora_alpaca.loss import causal_lm_loss_sum
-    from lora_alpaca.packing import pack_rows
+    from lora_alpaca.data.packing import pack_rows
+    from lora_alpaca.train.loss import causal_lm_loss_sum
 
     base = AutoModelForCausalLM.from_pretrained(
         ref.path, dtype=torch.float32, attn_implementation="sdpa"

@@ -245,7 +245,7 @@ def labels_for(r: Rendered, train_on_turns: str, train_on_inputs: bool) -> list[
 def build_renderer(tokenizer, spec: str, template: PromptTemplate) -> ChatRenderer:
     """base | alpaca | PATH.jinja -> the renderer; one-line UsageError otherwise."""
     if spec == "alpaca":
-        from lora_alpaca.masking import bos_prefix
+        from lora_alpaca.data.tokenize import bos_prefix
 
         source = alpaca_jinja(template, with_bos=bool(bos_prefix(tokenizer)))
         return ChatRenderer(tokenizer, source, f"alpaca:{template.name}", template.stop_strings)
@@ -282,6 +282,6 @@ def renderer_from_manifest(manifest: dict, tokenizer) -> ChatRenderer:
     chat = manifest.get("chat_template")
     if chat:
         return ChatRenderer(tokenizer, chat["jinja"], chat["spec"], chat.get("stop_strings", ()))
-    from lora_alpaca.manifest import template_from_manifest
+    from lora_alpaca.runfolder import template_from_manifest
 
     return build_renderer(tokenizer, "alpaca", template_from_manifest(manifest))

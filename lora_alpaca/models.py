@@ -6,13 +6,13 @@ import hashlib
 import json
 import pickle
 import re
-import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from lora_alpaca.constants import DTYPES
 from lora_alpaca.default_model import (
     DEFAULT_BASE_MODEL,
     convert_gguf,
@@ -161,9 +161,6 @@ class Precision:
     label: str
 
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
 def resolve_precision(dtype: str, device: torch.device, quantization: str = "none") -> Precision:
     """`auto`: bf16 where the device has bf16 units, fp16 on other GPUs, fp32 on other CPUs.
 
@@ -264,7 +261,3 @@ def load_model(
     if qconfig is None:
         model.to(device)
     return model
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)

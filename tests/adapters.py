@@ -20,9 +20,9 @@ def make_adapter(
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from lora_alpaca.manifest import build_manifest, write_manifest
     from lora_alpaca.models import BaseModelRef, config_fingerprint, load_tokenizer
     from lora_alpaca.prompts import load_template
+    from lora_alpaca.runfolder import build_manifest, write_manifest
 
     ref = BaseModelRef(str(base_dir), str(base_dir))
     tok = load_tokenizer(ref)

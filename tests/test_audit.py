@@ -12,8 +12,8 @@ import json
 
 import pytest
 
-from lora_alpaca.audit import format_audit
-from lora_alpaca.data import DataOptions, prepare_data
+from lora_alpaca.data.audit import format_audit
+from lora_alpaca.data.pipeline import DataOptions, prepare_data
 from lora_alpaca.errors import UsageError
 from lora_alpaca.prompts import load_template
 
@@ -134,7 +134,7 @@ def test_zero_learned_tokens_refused_reported_or_dropped(tmp_path, word_tok):
 
 
 def test_control_characters_in_examples_are_shown_escaped(tmp_path, word_tok):
-    from lora_alpaca.audit import render_example
+    from lora_alpaca.data.audit import render_example
 
     shown = render_example([["a\x1b[31m b\x00", False], ["c\nd", True]], color=False)
     assert shown == "    a\\x1b[31m b\\x00[[c\n    d]]"

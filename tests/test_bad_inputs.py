@@ -281,7 +281,7 @@ CASES = [
 
 def _commands() -> dict:
     """The click command each top-level script builds (imported, not copied)."""
-    from lora_alpaca.generate_app import GenerateConfig, main
+    from lora_alpaca.generate.app import GenerateConfig, main
 
     return {
         "finetune": runpy.run_path(str(ROOT / "finetune.py"))["command"],
@@ -469,7 +469,7 @@ def test_long_hostile_rows_give_valid_examples_or_one_clear_error(
 ):
     from transformers import AutoTokenizer
 
-    from lora_alpaca.data import DataOptions, prepare_data
+    from lora_alpaca.data.pipeline import DataOptions, prepare_data
     from lora_alpaca.errors import UsageError
     from lora_alpaca.prompts import load_template
 

@@ -11,8 +11,8 @@ from conftest import run_script
 from transformers import AutoTokenizer
 
 from lora_alpaca.chat_template import IGNORE_INDEX, ChatRenderer, build_renderer
-from lora_alpaca.masking import bos_prefix, tokenize_example
-from lora_alpaca.packing import pack_rows
+from lora_alpaca.data.packing import pack_rows
+from lora_alpaca.data.tokenize import bos_prefix, tokenize_example
 from lora_alpaca.prompts import load_template
 
 MISTRAL = (

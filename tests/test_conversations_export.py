@@ -15,7 +15,7 @@ from tiny import make_tiny_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lora_alpaca.chat_template import renderer_from_manifest
-from lora_alpaca.template_parity import gguf_chat_template, template_parity
+from lora_alpaca.export.template_parity import gguf_chat_template, template_parity
 
 WORDS = ["apple", "river", "stone", "cloud", "violet", "candle", "harbor", "meadow"]
 

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from lora_alpaca.data import DataOptions, prepare_data, split_indices, tokenize_example
+from lora_alpaca.data.pipeline import DataOptions, prepare_data, split_indices, tokenize_example
 from lora_alpaca.errors import UsageError
 from lora_alpaca.prompts import load_template
 
@@ -355,7 +355,7 @@ def test_null_input_means_no_input(tmp_path, tok):
 
 def test_hub_id_goes_through_load_dataset_and_fails_clearly_offline(tmp_path):
     code = (
-        "from lora_alpaca.data_sources import read_sources\n"
+        "from lora_alpaca.data.sources import read_sources\n"
         "from lora_alpaca.errors import UsageError\n"
         "try:\n    read_sources('lora-alpaca-tests/no-such-dataset')\n"
         "except UsageError as e:\n    print('USAGE:', e)\n"

@@ -460,7 +460,7 @@ def test_smollm2_merge_passes_parity(quickstart_run, tmp_path):
 
 
 def test_parity_prompt_sources(tmp_path, alpaca_json):
-    from lora_alpaca.parity import BUILTIN_PROMPTS, parity_prompts
+    from lora_alpaca.export.parity import BUILTIN_PROMPTS, parity_prompts
     from lora_alpaca.prompts import load_template
 
     template = load_template("alpaca")

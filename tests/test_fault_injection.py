@@ -36,9 +36,9 @@ import torch
 from conftest import ROOT
 from safetensors.torch import load_file
 
-from lora_alpaca import checkpoint as ckpt
-from lora_alpaca.train_config import FinetuneConfig
-from lora_alpaca.training import epoch_windows
+from lora_alpaca.train import checkpoint as ckpt
+from lora_alpaca.train.config import FinetuneConfig
+from lora_alpaca.train.loop import epoch_windows
 
 N_ROWS, BATCH, EPOCHS, SEED = 42, 4, 3, 11  # 10 steps per epoch (2 rows left over), 30 steps
 STEPS = (N_ROWS // BATCH) * EPOCHS

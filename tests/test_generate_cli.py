@@ -10,9 +10,9 @@ from adapters import make_adapter
 from conftest import run_script
 
 from lora_alpaca import cli
-from lora_alpaca.generate_app import GenerateConfig, main
-from lora_alpaca.generation import DecodingSettings
-from lora_alpaca.inference import LoadRequest, load_generator
+from lora_alpaca.generate.app import GenerateConfig, main
+from lora_alpaca.generate.engine import DecodingSettings
+from lora_alpaca.generate.loading import LoadRequest, load_generator
 
 ENV = {"OMP_NUM_THREADS": "1"}
 

@@ -11,9 +11,9 @@ import torch
 from adapters import make_adapter
 
 from lora_alpaca.errors import UsageError
-from lora_alpaca.generation import DecodingSettings, TextGenerator, finish, safe_stream_prefix
-from lora_alpaca.inference import LoadRequest, load_generator
-from lora_alpaca.probe import leaks_header, probe, repeated_ngram_share, report_markdown
+from lora_alpaca.generate.engine import DecodingSettings, TextGenerator, finish, safe_stream_prefix
+from lora_alpaca.generate.loading import LoadRequest, load_generator
+from lora_alpaca.generate.probe import leaks_header, probe, repeated_ngram_share, report_markdown
 from lora_alpaca.prompts import load_template, parse_template
 
 INSTRUCTIONS = [

@@ -12,14 +12,14 @@ from adapters import make_adapter
 from tiny import make_tiny_model
 
 from lora_alpaca.errors import UsageError
-from lora_alpaca.gguf_export import (
+from lora_alpaca.export.gguf import (
     chat_template_for,
     check_supported,
     load_gguf_model,
     tokenizer_metadata,
     write_gguf,
 )
-from lora_alpaca.parity import greedy
+from lora_alpaca.export.parity import greedy
 from lora_alpaca.prompts import load_template, parse_template
 
 

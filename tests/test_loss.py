@@ -7,8 +7,8 @@ import torch
 from test_packing import assert_same, lora_model, loss_and_grads, make_rows
 from tiny import make_tiny_model
 
-from lora_alpaca.loss import causal_lm_loss_sum
-from lora_alpaca.packing import count_supervised, pack_rows, pad_rows
+from lora_alpaca.data.packing import count_supervised, pack_rows, pad_rows
+from lora_alpaca.train.loss import causal_lm_loss_sum
 
 LENGTHS = [81, 17, 60, 29]
 

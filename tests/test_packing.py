@@ -8,15 +8,15 @@ import pytest
 import torch
 from tiny import make_tiny_model
 
-from lora_alpaca.loss import causal_lm_loss_sum
-from lora_alpaca.packing import (
-    IGNORE_INDEX,
+from lora_alpaca.constants import IGNORE_INDEX
+from lora_alpaca.data.packing import (
     count_supervised,
     group_by_length,
     pack_rows,
     pad_rows,
     real_token_share,
 )
+from lora_alpaca.train.loss import causal_lm_loss_sum
 
 RTOL = 1e-5
 

@@ -52,7 +52,7 @@ class Payload:
 
 
 def commands() -> dict:
-    from lora_alpaca.generate_app import GenerateConfig, main
+    from lora_alpaca.generate.app import GenerateConfig, main
 
     return {
         "finetune": runpy.run_path(str(ROOT / "finetune.py"))["command"],
@@ -101,7 +101,7 @@ def data(tmp_path) -> Path:
 def test_the_code_never_unpickles_without_weights_only():
     """Every torch.load in the project passes weights_only=True; no pickle/dill/joblib
     loads; trust_remote_code is never hard-wired on."""
-    files = [*ROOT.glob("*.py"), *(ROOT / "lora_alpaca").glob("*.py")]
+    files = [*ROOT.glob("*.py"), *(ROOT / "lora_alpaca").rglob("*.py")]
     loads = 0
     for f in files:
         tree = ast.parse(f.read_text(), str(f))
@@ -254,8 +254,8 @@ def test_remote_code_is_refused_by_every_script(
 
 
 def test_risky_switches_are_off_by_default():
-    from lora_alpaca.generate_app import GenerateConfig
-    from lora_alpaca.train_config import FinetuneConfig
+    from lora_alpaca.generate.app import GenerateConfig
+    from lora_alpaca.train.config import FinetuneConfig
 
     export_cfg = runpy.run_path(str(ROOT / "export_hf_checkpoint.py"))["ExportConfig"]
     for cfg in (FinetuneConfig(), GenerateConfig(), export_cfg()):

@@ -21,7 +21,7 @@ import pytest
 from adapters import make_adapter
 from conftest import ROOT
 
-from lora_alpaca.ui import ServerLimits, exposure_warning, make_settings
+from lora_alpaca.generate.ui import ServerLimits, exposure_warning, make_settings
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [

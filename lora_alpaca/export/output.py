@@ -6,19 +6,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-import torch
-
+from lora_alpaca.constants import DTYPES
 from lora_alpaca.errors import UsageError
-
-if TYPE_CHECKING:  # export.py imports this module; only the type comes back
-    from lora_alpaca.export import AdapterInfo
-
-EXPORT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+from lora_alpaca.export.adapter import AdapterInfo
+from lora_alpaca.fileio import temp_dir_beside
 
 
 def prepare_output(output_dir: str, must_be_empty: bool = True) -> Path:
@@ -32,8 +25,7 @@ def prepare_output(output_dir: str, must_be_empty: bool = True) -> Path:
         raise UsageError(
             f"--output_dir {output_dir}: folder exists and is not empty; choose a new folder"
         )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    return temp_dir_beside(out)
 
 
 def publish(tmp: Path, output_dir: str) -> Path:
@@ -49,10 +41,6 @@ def publish(tmp: Path, output_dir: str) -> Path:
         out.rmdir()  # empty (checked in prepare_output); rename cannot replace a folder
     tmp.rename(out)
     return out
-
-
-def discard(tmp: Path) -> None:
-    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def generation_config_for(info: AdapterInfo, tokenizer):
@@ -76,8 +64,8 @@ def write_hf_folder(
 
     Casts `merged` in place, so anything that wants the fp32 merge (the GGUF writer) runs first.
     """
-    merged.to(EXPORT_DTYPES[dtype])
-    merged.config.dtype = EXPORT_DTYPES[dtype]
+    merged.to(DTYPES[dtype])
+    merged.config.dtype = DTYPES[dtype]
     merged.generation_config = generation_config_for(info, tokenizer)
     try:
         merged.save_pretrained(out, max_shard_size=max_shard_size)

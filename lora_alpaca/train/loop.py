@@ -23,11 +23,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lora_alpaca import checkpoint as ckpt
+from lora_alpaca.data.packing import count_supervised, pack_rows, pad_rows
 from lora_alpaca.errors import UsageError
-from lora_alpaca.loss import causal_lm_loss_sum
-from lora_alpaca.packing import count_supervised, pack_rows, pad_rows
-from lora_alpaca.train_config import RESUME_KEYS, FinetuneConfig
+from lora_alpaca.log import log
+from lora_alpaca.train import checkpoint as ckpt
+from lora_alpaca.train.config import RESUME_KEYS, FinetuneConfig
+from lora_alpaca.train.loss import causal_lm_loss_sum
 
 
 class TrainingStopped(Exception):
@@ -98,7 +99,7 @@ def check_resume(saved: dict, now: dict, force: bool) -> None:
             + "); resume with the original flags, or pass --force_resume"
         )
     if diff:
-        print(f"warning: resuming with changed settings: {'; '.join(diff)}", file=sys.stderr)
+        log(f"warning: resuming with changed settings: {'; '.join(diff)}")
 
 
 class StopFlag:
@@ -220,7 +221,7 @@ def train_loop(
     )
 
     def save(position: Position) -> Path | None:
-        from lora_alpaca.lora_setup import lora_state_dict
+        from lora_alpaca.train.lora_setup import lora_state_dict
 
         if not accelerator.is_main_process:
             return None

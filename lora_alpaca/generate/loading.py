@@ -13,26 +13,25 @@ from pathlib import Path
 import torch
 
 from lora_alpaca.errors import UsageError
-from lora_alpaca.generation import TextGenerator
-from lora_alpaca.manifest import (
-    MANIFEST_NAME,
-    check_base_fingerprint,
-    read_manifest,
-    template_from_manifest,
-)
+from lora_alpaca.generate.engine import TextGenerator
+from lora_alpaca.log import log
 from lora_alpaca.models import (
     BaseModelRef,
     load_config,
     load_model,
     load_tokenizer,
-    log,
     resolve_base_model,
     resolve_precision,
 )
 from lora_alpaca.prompts import load_template
-
-ADAPTER_SAFETENSORS = "adapter_model.safetensors"
-ADAPTER_PICKLE = "adapter_model.bin"
+from lora_alpaca.runfolder import (
+    ADAPTER_PICKLE,
+    MANIFEST_NAME,
+    check_adapter_files,
+    check_base_fingerprint,
+    read_manifest,
+    template_from_manifest,
+)
 
 
 @dataclass(frozen=True)
@@ -59,25 +58,6 @@ def _device(name: str | None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _check_adapter_files(adapter_dir: Path, allow_pickle: bool) -> None:
-    """safetensors only, unless the user opts in: a `.bin` adapter is a pickle, which can
-    run arbitrary code when loaded."""
-    if not (adapter_dir / "adapter_config.json").is_file():
-        raise UsageError(
-            f"--lora_weights {adapter_dir}: no adapter_config.json (not a PEFT adapter folder)"
-        )
-    if (adapter_dir / ADAPTER_SAFETENSORS).is_file():
-        return
-    if (adapter_dir / ADAPTER_PICKLE).is_file():
-        if allow_pickle:
-            return
-        raise UsageError(
-            f"--lora_weights {adapter_dir}: only {ADAPTER_PICKLE} (a pickle, which can run code when "
-            "loaded); pass --allow_pickle_adapter if you trust its source"
-        )
-    raise UsageError(f"--lora_weights {adapter_dir}: no {ADAPTER_SAFETENSORS} in the folder")
-
-
 def _merged_manifest(base_path: str) -> dict | None:
     """A merged model exported by export_hf_checkpoint.py keeps a copy of the manifest."""
     p = Path(base_path) / MANIFEST_NAME
@@ -98,7 +78,7 @@ def load_generator(req: LoadRequest) -> Loaded:
     manifest = read_manifest(req.lora_weights) if req.lora_weights else None
     if manifest is not None:
         adapter_dir = Path(req.lora_weights)
-        _check_adapter_files(adapter_dir, req.allow_pickle_adapter)
+        check_adapter_files(adapter_dir, req.allow_pickle_adapter, "--allow_pickle_adapter")
         # The manifest's path is where the base was at training time; --base_model overrides.
         spec = req.base_model or manifest["base_model"]["path"]
         if not req.base_model and not Path(spec).exists():

@@ -12,15 +12,14 @@ import sys
 from pathlib import Path
 
 from lora_alpaca.errors import UsageError
-from lora_alpaca.generation import DecodingSettings, TextGenerator
-from lora_alpaca.manifest import write_text_atomic  # noqa: F401 - re-exported for generate_app
+from lora_alpaca.generate.engine import DecodingSettings, TextGenerator
 
 
 def _row_fields(row: object, where: str) -> dict:
     if not isinstance(row, dict):
         raise UsageError(f"--input_file {where}: expected a JSON object, got {type(row).__name__}")
     if "messages" in row:  # a conversation: rendered by the chat renderer (chat_page.py)
-        from lora_alpaca.chat_page import message_row
+        from lora_alpaca.generate.chat_page import message_row
 
         return message_row(row, where)
     instruction = row.get("instruction")
@@ -91,7 +90,7 @@ def generate_rows(
     padding), which does not change greedy answers: batched equals one-by-one."""
     from tqdm import tqdm
 
-    from lora_alpaca.chat_page import chat_prompt
+    from lora_alpaca.generate.chat_page import chat_prompt
 
     prompts = [
         chat_prompt(renderer, "", r["messages"][:-1], r["messages"][-1]["content"])
@@ -117,7 +116,3 @@ def generate_rows(
         bar.update(len(idx))
     bar.close()
     return results  # type: ignore[return-value]
-
-
-def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
-    write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))

@@ -8,14 +8,23 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from lora_alpaca.manifest import MANIFEST_NAME, write_json_atomic, write_manifest
+from lora_alpaca.fileio import write_json_atomic
+from lora_alpaca.runfolder import MANIFEST_NAME, write_manifest
 
 
 def library_versions() -> dict:
     import importlib.metadata as md
 
     out = {"python": platform.python_version()}
-    for pkg in ("torch", "transformers", "peft", "bitsandbytes", "datasets", "accelerate", "lora-alpaca"):
+    for pkg in (
+        "torch",
+        "transformers",
+        "peft",
+        "bitsandbytes",
+        "datasets",
+        "accelerate",
+        "lora-alpaca",
+    ):
         try:
             out[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
@@ -33,7 +42,12 @@ def plot_loss_curve(history: list[dict], eval_history: list[dict], path: Path) -
     if history:
         ax.plot([h["step"] for h in history], [h["loss"] for h in history], label="train", lw=1.2)
     if eval_history:
-        ax.plot([h["step"] for h in eval_history], [h["eval_loss"] for h in eval_history], "o-", label="eval")
+        ax.plot(
+            [h["step"] for h in eval_history],
+            [h["eval_loss"] for h in eval_history],
+            "o-",
+            label="eval",
+        )
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss per learned token")
     ax.grid(alpha=0.3)
@@ -83,6 +97,10 @@ def output_dir_problem(output_dir: Path) -> str | None:
         return f"--output_dir {d}: exists and is not a folder"
     if d.is_dir() and any(d.iterdir()):
         finished = (d / MANIFEST_NAME).is_file()
-        hint = "it holds a finished run" if finished else "it holds an unfinished run; add --resume_from_checkpoint auto to continue it"
+        hint = (
+            "it holds a finished run"
+            if finished
+            else "it holds an unfinished run; add --resume_from_checkpoint auto to continue it"
+        )
         return f"--output_dir {d}: exists and is not empty ({hint}); choose another folder or pass --overwrite_output_dir"
     return None

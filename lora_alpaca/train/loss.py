@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from lora_alpaca.packing import IGNORE_INDEX
+from lora_alpaca.constants import IGNORE_INDEX
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
 # Config fields of architectures that post-process logits after lm_head (Gemma 2/3 softcapping,

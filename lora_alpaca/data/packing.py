@@ -23,7 +23,7 @@ from collections.abc import Sequence
 
 import torch
 
-IGNORE_INDEX = -100  # the label value torch's cross_entropy and transformers skip
+from lora_alpaca.constants import IGNORE_INDEX
 
 
 def _check_row(i: int, row: dict) -> tuple[list[int], list[int]]:

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from lora_alpaca import cli
 from lora_alpaca.errors import UsageError
-from lora_alpaca.generation import MODES, DecodingSettings
+from lora_alpaca.generate.engine import MODES, DecodingSettings
+from lora_alpaca.log import log
 
 F = cli.field
 
@@ -119,7 +120,7 @@ def chat_renderer_for(cfg: GenerateConfig, gen):
     from lora_alpaca.chat_template import build_renderer, default_spec, renderer_from_manifest
 
     if cfg.lora_weights:
-        from lora_alpaca.manifest import read_manifest
+        from lora_alpaca.runfolder import read_manifest
 
         manifest = read_manifest(cfg.lora_weights)
         renderer = renderer_from_manifest(manifest, gen.tokenizer)
@@ -128,7 +129,7 @@ def chat_renderer_for(cfg: GenerateConfig, gen):
 
 
 def main(cfg: GenerateConfig) -> int:
-    from lora_alpaca.batch_generate import check_output_path, read_prompt_rows
+    from lora_alpaca.generate.batch import check_output_path, read_prompt_rows
 
     settings = check_flags(cfg)
     rows = read_prompt_rows(cfg.input_file) if cfg.input_file else None
@@ -136,7 +137,7 @@ def main(cfg: GenerateConfig) -> int:
     if cfg.probe_report:
         check_output_path(cfg.probe_report)
 
-    from lora_alpaca.inference import LoadRequest, load_generator
+    from lora_alpaca.generate.loading import LoadRequest, load_generator
 
     loaded = load_generator(
         LoadRequest(
@@ -150,17 +151,18 @@ def main(cfg: GenerateConfig) -> int:
         )
     )
     gen = loaded.generator
-    print(f"[generate] {loaded.description}", file=sys.stderr, flush=True)
+    log(loaded.description, tag="generate")
 
     if rows is not None:
-        from lora_alpaca.batch_generate import generate_rows, write_jsonl_atomic, write_text_atomic
+        from lora_alpaca.fileio import write_jsonl_atomic, write_text_atomic
+        from lora_alpaca.generate.batch import generate_rows
 
         renderer = chat_renderer_for(cfg, gen)[0] if any("messages" in r for r in rows) else None
         answered = generate_rows(gen, rows, settings, cfg.batch_size, renderer=renderer)
         write_jsonl_atomic(out, answered)
-        print(f"[generate] wrote {len(answered)} rows to {out}", file=sys.stderr)
+        log(f"wrote {len(answered)} rows to {out}", tag="generate")
         if cfg.probe_report:
-            from lora_alpaca.probe import probe, report_markdown
+            from lora_alpaca.generate.probe import probe, report_markdown
 
             setup = (
                 f"{loaded.description}; {cfg.input_file}; {settings.mode}, "
@@ -191,8 +193,8 @@ def main(cfg: GenerateConfig) -> int:
         )
         return 0
 
-    from lora_alpaca.chat_page import build_app
-    from lora_alpaca.ui import ServerLimits, launch
+    from lora_alpaca.generate.chat_page import build_app
+    from lora_alpaca.generate.ui import ServerLimits, launch
 
     limits = ServerLimits(cfg.max_input_chars, cfg.max_new_tokens_limit, cfg.concurrency_limit)
     renderer, chat_first = chat_renderer_for(cfg, gen)

@@ -12,45 +12,25 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import shutil
-import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from lora_alpaca.audit import Audit, learned_segments, measure
-from lora_alpaca.data_sources import SourceFile, data_files, files_fingerprint, read_sources
+from lora_alpaca.data.audit import Audit, learned_segments, measure
+from lora_alpaca.data.options import DataOptions
+from lora_alpaca.data.sources import SourceFile, data_files, files_fingerprint, read_sources
+from lora_alpaca.data.tokenize import Encoder
+from lora_alpaca.data.tokenize import tokenize_example as tokenize_example  # re-export: public API
+from lora_alpaca.data.validation import Problems, validate
 from lora_alpaca.errors import UsageError
-from lora_alpaca.masking import Encoder
-from lora_alpaca.masking import tokenize_example as tokenize_example  # re-export: public API
+from lora_alpaca.fileio import discard, rename_into_place, temp_dir_beside
+from lora_alpaca.log import log
 from lora_alpaca.prompts import PromptTemplate
-from lora_alpaca.validation import Problems, validate
 
 CACHE_VERSION = "data-cache/1"  # bump when the tokenized output of the same inputs changes
 MAX_VAL_SHARE = 0.2
-
-
-@dataclass
-class DataOptions:
-    data: str  # path (.json/.jsonl/.csv/.parquet/folder) or hub id
-    instruction_column: str = "instruction"
-    input_column: str = "input"  # optional column: absent => no input
-    output_column: str = "output"
-    cutoff_len: int = 256
-    train_on_inputs: bool = False
-    add_eos_token: bool = True
-    overlength: str = "truncate"  # truncate | drop | error
-    empty_outputs: str = "error"  # error | skip
-    duplicates: str = "skip"  # skip | error
-    val_set_size: int = 2000  # rows; 0 = no validation split
-    seed: int = 42
-    allow_unsupervised: bool = False  # drop rows with zero learned tokens instead of refusing
-    data_format: str = "auto"  # auto | alpaca | sharegpt | messages (lora_alpaca.conversations)
-    chat_template: str | None = None  # conversations: base | alpaca | PATH.jinja (None: default)
-    train_on_turns: str = "all"  # conversations: all | last assistant turns learned
 
 
 @dataclass
@@ -121,7 +101,7 @@ def _build(
     sources: list[SourceFile],
     renderer=None,
 ):
-    from lora_alpaca.conversations import build_conversations, detect_format
+    from lora_alpaca.data.conversations import build_conversations, detect_format
 
     fmt = opts.data_format if opts.data_format != "auto" else detect_format(sources)
     if fmt != "alpaca":
@@ -209,8 +189,7 @@ def _write_arrow(path: Path, columns: dict) -> None:
 
 def _save_cache(path: Path, tables: dict, audit: Audit) -> None:
     """Write the cache entry in a temp folder and rename it into place (atomic)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    tmp = temp_dir_beside(path, prefix=f".{path.name}.")
     try:
         for name, cols in tables.items():
             if cols is not None:
@@ -218,12 +197,9 @@ def _save_cache(path: Path, tables: dict, audit: Audit) -> None:
         (tmp / "audit.json").write_text(
             json.dumps(audit.to_dict(), ensure_ascii=False), encoding="utf-8"
         )
-        try:
-            tmp.rename(path)
-        except OSError:  # another process cached the same fingerprint first: same content
-            shutil.rmtree(tmp, ignore_errors=True)
+        rename_into_place(tmp, path)  # False: another process cached the same fingerprint first
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        discard(tmp)
         raise
 
 
@@ -288,9 +264,7 @@ def prepare_data(
         try:
             _save_cache(entry, tables, audit)
         except OSError as e:  # a read-only or full cache folder must not stop training
-            print(
-                f"[lora_alpaca] warning: could not cache the tokenized data ({e})", file=sys.stderr
-            )
+            log(f"warning: could not cache the tokenized data ({e})", tag="lora_alpaca")
         cached = _load_cache(entry)
         if cached is None:  # cache folder not writable or vanished: serve from memory
             train = _dataset(tables["train"])
@@ -299,7 +273,7 @@ def prepare_data(
     train, val, audit = cached
     audit.source = opts.data  # the same bytes may have been cached under another path
     for note in audit.notes:
-        print(f"[lora_alpaca] warning: {note}", file=sys.stderr)
+        log(f"warning: {note}", tag="lora_alpaca")
     if for_training and audit.zero_supervised_rows and not opts.allow_unsupervised:
         raise UsageError(
             f"{opts.data}: {audit.zero_supervised_rows} row(s) have zero learned tokens "

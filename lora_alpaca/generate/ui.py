@@ -19,7 +19,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 import gradio as gr  # noqa: E402
 
 from lora_alpaca.errors import UsageError  # noqa: E402
-from lora_alpaca.generation import MODES, DecodingSettings, TextGenerator  # noqa: E402
+from lora_alpaca.generate.engine import MODES, DecodingSettings, TextGenerator  # noqa: E402
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 

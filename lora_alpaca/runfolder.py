@@ -8,37 +8,42 @@ special token ids, the stop strings, and the tokenization settings.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
-from typing import Any
 
 from lora_alpaca.errors import UsageError
+from lora_alpaca.fileio import write_json_atomic
 from lora_alpaca.prompts import PromptTemplate, parse_template
 
 MANIFEST_NAME = "lora_alpaca.json"
 MANIFEST_FORMAT = "lora-alpaca-manifest/1"
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Temp file + fsync + rename: a crash never leaves a half-written file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent.resolve())
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_SAFETENSORS = "adapter_model.safetensors"
+ADAPTER_PICKLE = "adapter_model.bin"
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
+def check_adapter_files(adapter_dir: Path, allow_pickle: bool, opt_in_flag: str) -> None:
+    """The adapter-folder check shared by generate and export: safetensors only, unless the
+    user opts in with the command's `opt_in_flag` (generate: --allow_pickle_adapter, which
+    covers the adapter alone; export: --allow_pickle, which also covers the base's weights),
+    because a `.bin` adapter is a pickle, which can run arbitrary code when loaded."""
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / ADAPTER_CONFIG).is_file():
+        raise UsageError(
+            f"--lora_weights {adapter_dir}: no {ADAPTER_CONFIG} (not a PEFT adapter folder; "
+            "training did not finish?)"
+        )
+    if (adapter_dir / ADAPTER_SAFETENSORS).is_file():
+        return
+    if (adapter_dir / ADAPTER_PICKLE).is_file():
+        if allow_pickle:
+            return
+        raise UsageError(
+            f"--lora_weights {adapter_dir}: only {ADAPTER_PICKLE} (a pickle, which can run code when "
+            f"loaded); pass {opt_in_flag} if you trust its source"
+        )
+    raise UsageError(f"--lora_weights {adapter_dir}: no {ADAPTER_SAFETENSORS} in the folder")
 
 
 def build_manifest(

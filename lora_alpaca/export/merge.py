@@ -10,153 +10,26 @@ never leaves a half-written model where a finished one is expected.
 from __future__ import annotations
 
 import json
-import pickle
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from lora_alpaca.errors import UsageError
-from lora_alpaca.export_output import (
-    discard,
+from lora_alpaca.export.adapter import (
+    AdapterInfo,
+    attach_adapter,
+    load_base,
+    load_tokenizer_for,
+    read_adapter,
+)
+from lora_alpaca.export.output import (
     model_card,
     prepare_output,
     publish,
     write_hf_folder,
 )
-from lora_alpaca.manifest import check_base_fingerprint, read_manifest, template_from_manifest
-from lora_alpaca.models import BaseModelRef, load_config, resolve_base_model
-from lora_alpaca.prompts import PromptTemplate
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
-
-
-@dataclass
-class AdapterInfo:
-    """Everything export needs to know about one adapter folder, checked up front."""
-
-    dir: Path
-    manifest: dict
-    template: PromptTemplate
-    base: BaseModelRef
-    run: dict | None  # run.json, when training finished writing it
-    quantization: str  # how the base was loaded during training: none, 8bit, 4bit
-    stop_strings: tuple[str, ...]  # as the manifest records them (may extend the template's)
-
-
-def read_adapter(
-    lora_weights: str,
-    base_model: str | None,
-    allow_pickle: bool = False,
-    trust_remote_code: bool = False,
-) -> AdapterInfo:
-    """Validate the adapter folder and its base model; every problem is one UsageError line."""
-    if not lora_weights:
-        raise UsageError("--lora_weights is required: the output folder of finetune.py")
-    manifest = read_manifest(lora_weights)
-    adapter_dir = Path(lora_weights)
-    if not (adapter_dir / "adapter_config.json").is_file():
-        raise UsageError(
-            f"--lora_weights {lora_weights}: no adapter_config.json (training did not finish?)"
-        )
-    if not (adapter_dir / "adapter_model.safetensors").is_file():
-        if (adapter_dir / "adapter_model.bin").is_file() and not allow_pickle:
-            raise UsageError(
-                f"--lora_weights {lora_weights}: only adapter_model.bin (a pickle, which can run code "
-                "when loaded); pass --allow_pickle if you trust its source"
-            )
-        if not (adapter_dir / "adapter_model.bin").is_file():
-            raise UsageError(f"--lora_weights {lora_weights}: no adapter_model.safetensors")
-    spec = base_model or manifest["base_model"]["path"]
-    if not base_model and not Path(spec).exists():
-        raise UsageError(
-            f"--lora_weights {lora_weights}: its base model {spec!r} is not on this machine; "
-            "pass --base_model with a local copy of it"
-        )
-    base = resolve_base_model(spec)
-    check_base_fingerprint(manifest, load_config(base, trust_remote_code), base.name)
-    template = template_from_manifest(manifest)
-    run = None
-    if (adapter_dir / "run.json").is_file():
-        try:
-            run = json.loads((adapter_dir / "run.json").read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            run = None  # provenance only: a damaged run.json must not block an export
-    return AdapterInfo(
-        dir=adapter_dir,
-        manifest=manifest,
-        template=template,
-        base=base,
-        run=run,
-        quantization=str(manifest.get("quantization") or "none"),
-        stop_strings=tuple(manifest.get("stop_strings") or template.stop_strings),
-    )
-
-
-def load_tokenizer_for(info: AdapterInfo, trust_remote_code: bool = False):
-    """The tokenizer as saved with the adapter (pad token as in training), else the base's."""
-    from transformers import AutoTokenizer
-
-    from lora_alpaca.models import load_tokenizer
-
-    if any((info.dir / f).is_file() for f in TOKENIZER_FILES):
-        return AutoTokenizer.from_pretrained(info.dir, trust_remote_code=trust_remote_code)
-    return load_tokenizer(info.base, trust_remote_code)
-
-
-def load_base(
-    info: AdapterInfo,
-    quantization: str = "none",
-    allow_pickle: bool = False,
-    trust_remote_code: bool = False,
-):
-    """The base model in fp32 (merging in fp32 keeps the low-rank update exact), or loaded
-    4-/8-bit exactly as training loaded it when the adapter's own outputs are the reference."""
-    from transformers import AutoModelForCausalLM
-
-    from lora_alpaca.models import quantization_config
-
-    kwargs: dict = dict(dtype=torch.float32, trust_remote_code=trust_remote_code)
-    if not allow_pickle:
-        kwargs["use_safetensors"] = True
-    qconfig = quantization_config(quantization, torch.float32)
-    if qconfig is not None:
-        kwargs.update(quantization_config=qconfig, device_map={"": "cpu"})
-    try:
-        model = AutoModelForCausalLM.from_pretrained(info.base.path, **kwargs)
-    except pickle.UnpicklingError:
-        # With --allow_pickle, transformers still unpickles .bin with weights_only=True.
-        raise UsageError(
-            f"--base_model {info.base.name}: its pickled .bin weights hold objects other than "
-            "tensors (refused: unpickling them could run code); use a safetensors copy"
-        ) from None
-    except (OSError, ValueError) as e:
-        msg = " ".join(str(e).split())[:200]
-        hint = (
-            "; its weights may be pickled .bin files (pass --allow_pickle if you trust them)"
-            if not allow_pickle
-            else ""
-        )
-        raise UsageError(
-            f"--base_model {info.base.name}: could not load its weights ({msg}){hint}"
-        ) from None
-    model.eval()
-    return model
-
-
-def attach_adapter(base, info: AdapterInfo):
-    from peft import PeftModel
-
-    try:
-        model = PeftModel.from_pretrained(base, str(info.dir), is_trainable=False)
-    except pickle.UnpicklingError:
-        # peft unpickles a .bin adapter with weights_only=True, even after --allow_pickle.
-        raise UsageError(
-            f"--lora_weights {info.dir}: adapter_model.bin holds objects other than tensors "
-            "(refused: unpickling them could run code); use a safetensors adapter"
-        ) from None
-    model.eval()
-    return model
+from lora_alpaca.fileio import discard
+from lora_alpaca.models import load_config
 
 
 def dequantize_into(plain, quantized) -> int:
@@ -207,7 +80,7 @@ def resolve_merge_base(choice: str, info: AdapterInfo) -> str:
 
 def merged_model(info: AdapterInfo, merge_base: str, cfg, tokenizer=None, prompts=None):
     """(merged fp32 model, reference outputs of base+adapter before merging or None)."""
-    from lora_alpaca.parity import reference_outputs
+    from lora_alpaca.export.parity import reference_outputs
 
     base = load_base(info, "none", cfg.allow_pickle, cfg.trust_remote_code)
     if merge_base == "dequantized":
@@ -221,7 +94,7 @@ def merged_model(info: AdapterInfo, merge_base: str, cfg, tokenizer=None, prompt
 
 def compare_merge_bases(info: AdapterInfo, chosen: str, merged, tokenizer, prompts, cfg) -> dict:
     """Both merge bases against the adapter as trained (quantized base + LoRA)."""
-    from lora_alpaca.parity import rank_candidates, reference_outputs
+    from lora_alpaca.export.parity import rank_candidates, reference_outputs
 
     flags = (cfg.allow_pickle, cfg.trust_remote_code)
     trained = attach_adapter(load_base(info, info.quantization, *flags), info)
@@ -233,23 +106,23 @@ def compare_merge_bases(info: AdapterInfo, chosen: str, merged, tokenizer, promp
 
 
 def _write_report(out: Path, report: dict) -> None:
-    from lora_alpaca.manifest import write_json_atomic
-    from lora_alpaca.parity import REPORT_NAME
+    from lora_alpaca.export.parity import REPORT_NAME
+    from lora_alpaca.fileio import write_json_atomic
 
     write_json_atomic(out / REPORT_NAME, report)
 
 
 def run_export(cfg) -> int:
     """The whole `export_hf_checkpoint.py` run; returns the exit code (1: parity failed)."""
-    from lora_alpaca.gguf_export import (
+    from lora_alpaca.export.gguf import (
         check_supported,
         gguf_file_name,
         tokenizer_metadata,
         write_gguf,
     )
-    from lora_alpaca.manifest import write_json_atomic
-    from lora_alpaca.models import log
-    from lora_alpaca.parity import check_exports, parity_prompts, summary_lines
+    from lora_alpaca.export.parity import check_exports, parity_prompts, summary_lines
+    from lora_alpaca.fileio import write_json_atomic
+    from lora_alpaca.log import log
 
     if cfg.parity_prompts < 1:
         raise UsageError(f"--parity_prompts {cfg.parity_prompts}: must be at least 1")
@@ -333,7 +206,7 @@ def run_export(cfg) -> int:
 
 def run_parity_only(cfg, info: AdapterInfo) -> int:
     """Re-check an existing export folder against its adapter (`--parity_only`)."""
-    from lora_alpaca.parity import check_exports, parity_prompts, summary_lines
+    from lora_alpaca.export.parity import check_exports, parity_prompts, summary_lines
 
     out = Path(cfg.output_dir or "")
     if not cfg.output_dir or not (out / EXPORT_RECORD).is_file():

@@ -30,10 +30,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from lora_alpaca.constants import IGNORE_INDEX
 from lora_alpaca.errors import UsageError
 from lora_alpaca.prompts import PromptTemplate
-
-IGNORE_INDEX = -100
 
 
 def bos_prefix(tokenizer) -> list[int]:

@@ -20,11 +20,11 @@ from typing import Any
 
 import numpy as np
 
-from lora_alpaca.audit import Audit, learned_segments, measure
 from lora_alpaca.chat_template import IGNORE_INDEX, ChatRenderer, TemplateRenderError
-from lora_alpaca.data_sources import SourceFile
+from lora_alpaca.data.audit import Audit, learned_segments, measure
+from lora_alpaca.data.sources import SourceFile
+from lora_alpaca.data.validation import Problems
 from lora_alpaca.errors import UsageError
-from lora_alpaca.validation import Problems
 
 FORMATS = ("alpaca", "sharegpt", "messages")
 SHAREGPT_ROLES = {
@@ -181,7 +181,7 @@ def _role_tokens(renderer: ChatRenderer, msgs, ids, labels, stats: dict) -> None
 
 def build_conversations(opts, renderer: ChatRenderer, fmt: str, source_name: str, sources):
     """Validate + encode + split + audit conversation rows -> (tables, audit)."""
-    from lora_alpaca.data import effective_val_size, split_indices
+    from lora_alpaca.data.pipeline import effective_val_size, split_indices
 
     rows_read = sum(len(s.records) for s in sources)
     if rows_read == 0:

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-IGNORE_INDEX = -100
+from lora_alpaca.constants import IGNORE_INDEX
+
 PERCENTILES = (50, 90, 99)
 CUTOFF_COVERAGE = 99  # recommended --cutoff_len: rows up to this percentile fit uncut
 CUTOFF_STEP = 32  # ... rounded up to a multiple of this (tensor-core friendly, easy to type)
@@ -179,7 +180,7 @@ def format_audit(audit: Audit, color: bool | None = None) -> str:
             else ""
         ),
     ]
-    from lora_alpaca.conversations import conversation_lines
+    from lora_alpaca.data.conversations import conversation_lines
 
     lines += conversation_lines(audit)
     for note in audit.notes:

@@ -14,9 +14,9 @@ from collections.abc import Iterator
 import gradio as gr
 
 from lora_alpaca.chat_template import ChatRenderer, TemplateRenderError
-from lora_alpaca.generation import MODES, DecodingSettings, TextGenerator
-from lora_alpaca.masking import bos_prefix
-from lora_alpaca.ui import ServerLimits, build_demo, make_settings
+from lora_alpaca.data.tokenize import bos_prefix
+from lora_alpaca.generate.engine import MODES, DecodingSettings, TextGenerator
+from lora_alpaca.generate.ui import ServerLimits, build_demo, make_settings
 
 
 def message_row(row: dict, where: str) -> dict:

@@ -285,9 +285,9 @@ def check_exports(out: Path, refs: list[PromptRef], info, record: dict) -> list[
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from lora_alpaca.chat_template import renderer_from_manifest
-    from lora_alpaca.export import load_tokenizer_for
-    from lora_alpaca.gguf_export import gguf_file_name, load_gguf_model
-    from lora_alpaca.template_parity import template_parity
+    from lora_alpaca.export.adapter import load_tokenizer_for
+    from lora_alpaca.export.gguf import gguf_file_name, load_gguf_model
+    from lora_alpaca.export.template_parity import template_parity
 
     eos = info.manifest["special_tokens"]["eos_token_id"]
     renderer = renderer_from_manifest(info.manifest, load_tokenizer_for(info))

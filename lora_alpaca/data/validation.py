@@ -9,13 +9,11 @@ validation row out of training.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from lora_alpaca.data_sources import SourceFile
+from lora_alpaca.data.options import DataOptions
+from lora_alpaca.data.sources import SourceFile
 from lora_alpaca.errors import UsageError
-
-if TYPE_CHECKING:
-    from lora_alpaca.data import DataOptions
 
 MAX_PROBLEMS_SHOWN = 10
 DEFAULT_INPUT_COLUMN = "input"

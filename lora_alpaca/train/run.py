@@ -15,18 +15,10 @@ from pathlib import Path
 
 import torch
 
-from lora_alpaca import checkpoint as ckpt
 from lora_alpaca.errors import UsageError
-from lora_alpaca.train_config import LORA_KEYS, FinetuneConfig, validate
-
-
-def _log(msg: str, bar=None) -> None:
-    if int(os.environ.get("RANK", "0")) != 0:
-        return
-    if bar is not None:
-        bar.write(msg, file=sys.stderr)
-    else:
-        print(msg, file=sys.stderr, flush=True)
+from lora_alpaca.log import log
+from lora_alpaca.train import checkpoint as ckpt
+from lora_alpaca.train.config import LORA_KEYS, FinetuneConfig, validate
 
 
 def resolve_resume(cfg: FinetuneConfig, output_dir: Path) -> Path | None:
@@ -35,7 +27,7 @@ def resolve_resume(cfg: FinetuneConfig, output_dir: Path) -> Path | None:
     if cfg.resume_from_checkpoint == "auto":
         latest = ckpt.find_latest(output_dir)
         if latest is None:
-            _log(
+            log(
                 f"--resume_from_checkpoint auto: no complete checkpoint in {output_dir}; starting from the beginning"
             )
         return latest
@@ -90,7 +82,7 @@ def val_sample(cfg: FinetuneConfig, prepared, k: int = 16) -> list[dict]:
     if prepared.val is None or "row" not in prepared.val.column_names:
         return []
     try:
-        from lora_alpaca.data_sources import read_sources
+        from lora_alpaca.data.sources import read_sources
 
         sources, _ = read_sources(cfg.data)
         records = [r for src in sources for r in src.records]
@@ -112,10 +104,8 @@ def run_training(cfg: FinetuneConfig) -> int:
     started = time.time()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     validate(cfg, world)  # cheap flag checks before the heavy imports below
-    from lora_alpaca.audit import format_audit
-    from lora_alpaca.data import DataOptions, prepare_data
-    from lora_alpaca.lora_setup import add_lora, verify_saved_adapter
-    from lora_alpaca.manifest import build_manifest
+    from lora_alpaca.data.audit import format_audit
+    from lora_alpaca.data.pipeline import DataOptions, prepare_data
     from lora_alpaca.models import (
         config_fingerprint,
         load_model,
@@ -123,15 +113,17 @@ def run_training(cfg: FinetuneConfig) -> int:
         resolve_base_model,
         resolve_precision,
     )
-    from lora_alpaca.outputs import library_versions, output_dir_problem, write_final_outputs
     from lora_alpaca.prompts import load_template
-    from lora_alpaca.training import (
+    from lora_alpaca.runfolder import build_manifest
+    from lora_alpaca.train.loop import (
         InterruptedTraining,
         TrainingStopped,
         check_resume,
         resume_fingerprint,
         train_loop,
     )
+    from lora_alpaca.train.lora_setup import add_lora, verify_saved_adapter
+    from lora_alpaca.train.outputs import library_versions, output_dir_problem, write_final_outputs
 
     # ---- setup: everything that can be wrong with the input fails here, before any write
     output_dir = Path(cfg.output_dir).expanduser().resolve()
@@ -172,7 +164,7 @@ def run_training(cfg: FinetuneConfig) -> int:
     if cfg.audit_only:
         return 0
     from lora_alpaca.chat_template import build_renderer
-    from lora_alpaca.data import conversation_renderer
+    from lora_alpaca.data.pipeline import conversation_renderer
 
     # The template of training is the template of every artifact: conversation rows keep
     # their chat template, Alpaca rows get the multi-turn alpaca form of their prompt.
@@ -186,7 +178,7 @@ def run_training(cfg: FinetuneConfig) -> int:
             f"--batch_size {cfg.batch_size} is larger than the {len(prepared.train)} training rows; lower it"
         )
     if not cfg.add_eos_token:
-        _log("warning: --add_eos_token false: the model will not learn to stop generating")
+        log("warning: --add_eos_token false: the model will not learn to stop generating")
 
     from accelerate import Accelerator
 
@@ -208,12 +200,12 @@ def run_training(cfg: FinetuneConfig) -> int:
             resume_fingerprint(cfg, data_fp),
             cfg.force_resume,
         )
-        _log(f"resuming from {resume_path} (step {resume['trainer_state']['global_step']})")
+        log(f"resuming from {resume_path} (step {resume['trainer_state']['global_step']})")
     model = load_model(ref, precision, quantization, device, cfg.trust_remote_code)
     torch.manual_seed(cfg.seed)  # LoRA init and dropout are repeatable
     peft_model = add_lora(model, cfg, quantized=quantization != "none")
     if cfg.overwrite_output_dir and accelerator.is_main_process and output_dir.exists():
-        _log(f"--overwrite_output_dir: deleting {output_dir}")
+        log(f"--overwrite_output_dir: deleting {output_dir}")
         shutil.rmtree(output_dir)
     accelerator.wait_for_everyone()
     train_rows = [
@@ -245,18 +237,18 @@ def run_training(cfg: FinetuneConfig) -> int:
             tokenizer.pad_token_id,
             data_fp,
             resume,
-            _log,
+            log,
             sink,
         )
     except InterruptedTraining as e:
         last = ckpt.find_latest(output_dir)
-        _log(f"interrupted at step {e.position.global_step}; checkpoint and adapter so far: {last}")
-        _log(f"resume with: {resume_cmd}")
+        log(f"interrupted at step {e.position.global_step}; checkpoint and adapter so far: {last}")
+        log(f"resume with: {resume_cmd}")
         return 128 + e.signum
     except TrainingStopped as e:
         last = ckpt.find_latest(output_dir)
-        _log(f"error: training stopped: {e}")
-        _log(f"last good checkpoint: {last or 'none yet'}")
+        log(f"error: training stopped: {e}")
+        log(f"last good checkpoint: {last or 'none yet'}")
         return 3
 
     # ---- cleanup: only the main process writes; the adapter is read back and checked
@@ -312,10 +304,10 @@ def run_training(cfg: FinetuneConfig) -> int:
             output_dir, peft_model, tokenizer, manifest, run_info, pos.history, pos.eval_history
         )
         check = verify_saved_adapter(peft_model, output_dir, expect_trained=pos.global_step > 0)
-        _log(
+        log(
             f"adapter verified: {check['lora_modules']} LoRA modules, {check['nonzero_lora_B']} trained lora_B, {check['bytes']:,} bytes"
         )
-        _log(
+        log(
             f"done: {output_dir} (train loss {final_train}, eval loss {final_eval}, {run_info['tokens_per_s']} tok/s)"
         )
     accelerator.wait_for_everyone()

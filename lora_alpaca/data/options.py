@@ -1,0 +1,26 @@
+"""What the data pipeline needs to know: which file, which columns, how to tokenize, what to
+do with bad rows. Its own module because both the pipeline and the row validation read it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class DataOptions:
+    data: str  # path (.json/.jsonl/.csv/.parquet/folder) or hub id
+    instruction_column: str = "instruction"
+    input_column: str = "input"  # optional column: absent => no input
+    output_column: str = "output"
+    cutoff_len: int = 256
+    train_on_inputs: bool = False
+    add_eos_token: bool = True
+    overlength: str = "truncate"  # truncate | drop | error
+    empty_outputs: str = "error"  # error | skip
+    duplicates: str = "skip"  # skip | error
+    val_set_size: int = 2000  # rows; 0 = no validation split
+    seed: int = 42
+    allow_unsupervised: bool = False  # drop rows with zero learned tokens instead of refusing
+    data_format: str = "auto"  # auto | alpaca | sharegpt | messages (data/conversations.py)
+    chat_template: str | None = None  # conversations: base | alpaca | PATH.jinja (None: default)
+    train_on_turns: str = "all"  # conversations: all | last assistant turns learned
