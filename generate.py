@@ -6,8 +6,7 @@ python generate.py --lora_weights ./lora-alpaca --prompt "Tell me about alpacas.
 python generate.py --input_file prompts.jsonl --output_file out.jsonl  # batches, default base
 """
 
-from lora_alpaca import cli
-from lora_alpaca.generate.app import GenerateConfig, main
+from lora_alpaca.generate.app import console_main
 
 if __name__ == "__main__":
-    cli.run(cli.build_command(GenerateConfig, main, help=__doc__))
+    console_main()

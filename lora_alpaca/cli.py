@@ -27,12 +27,25 @@ TRUE = {"true", "1", "yes", "y", "on"}
 FALSE = {"false", "0", "no", "n", "off"}
 
 
-def field(default: Any, help: str, choices: list[str] | None = None, aliases: tuple = ()):
-    """A dataclass field with the metadata `build_command` reads."""
-    meta = {"help": help, "choices": choices, "aliases": aliases}
+def field(
+    default: Any,
+    help: str,
+    choices: list[str] | None = None,
+    aliases: tuple = (),
+    tags: tuple = (),
+):
+    """A dataclass field with the metadata `build_command` reads. `tags` mark what a setting
+    is (e.g. "lora": part of the adapter's recipe; "resume": changing it makes a resumed run
+    a different run), so such lists are read off the dataclass instead of kept by hand."""
+    meta = {"help": help, "choices": choices, "aliases": aliases, "tags": tags}
     if isinstance(default, list):
         return dataclasses.field(default_factory=lambda: list(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
+
+
+def tagged_fields(cls, tag: str) -> tuple[str, ...]:
+    """Names of `cls`'s fields carrying `tag`, in declaration order."""
+    return tuple(f.name for f in dataclasses.fields(cls) if tag in f.metadata.get("tags", ()))
 
 
 class BoolParam(click.ParamType):

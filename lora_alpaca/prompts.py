@@ -16,7 +16,9 @@ from pathlib import Path
 
 from lora_alpaca.errors import UsageError
 
-TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
+# Inside the package, so a wheel carries them; in a clone this is a symlink to the top-level
+# templates/ folder (one copy of each file), hence the resolve().
+TEMPLATES_DIR = (Path(__file__).resolve().parent / "templates").resolve()
 REQUIRED_KEYS = ("description", "prompt_input", "prompt_no_input", "response_split")
 OPTIONAL_KEYS = ("stop_strings",)
 NAME_RE = re.compile(r"^[A-Za-z0-9_-]+$")

@@ -434,7 +434,7 @@ def test_all_row_problems_in_one_error_with_row_numbers(tmp_path, tok):
         {"instruction": "a", "output": ["b"]},
     ]  # row 8
     f = write(tmp_path / "bad.json", rows)
-    msg = error_of(tmp_path, tok, f)
+    msg = error_of(tmp_path, tok, f, empty_outputs="error")
     assert msg.startswith(
         f"{f}: 7 problems: row 2: missing key 'output'; row 3: 'input' is int, "
         "expected a string; row 4: 'instruction' is null, expected a string; "
@@ -448,7 +448,7 @@ def test_thousands_of_problems_are_summarised(tmp_path, tok):
     rows = [{"instruction": f"q{i}", "output": ""} for i in range(3000)] + [
         {"instruction": "x"}
     ] * 5
-    msg = error_of(tmp_path, tok, write(tmp_path / "many.jsonl", rows))
+    msg = error_of(tmp_path, tok, write(tmp_path / "many.jsonl", rows), empty_outputs="error")
     assert msg.startswith(
         f"{tmp_path / 'many.jsonl'}: 3005 problems: line 1: empty output; line 2: empty output"
     )
@@ -653,8 +653,8 @@ def flat(ds, column: str) -> np.ndarray:
 
 
 @pytest.mark.slow
-def test_real_alpaca_data_refuses_empty_outputs_by_default(tmp_path, smol_tok, alpaca_json):
-    msg = error_of(tmp_path, smol_tok, alpaca_json)
+def test_real_alpaca_data_empty_outputs_error_lists_them(tmp_path, smol_tok, alpaca_json):
+    msg = error_of(tmp_path, smol_tok, alpaca_json, empty_outputs="error")
     assert msg.startswith(f"{alpaca_json}: 28 problems: row 285: empty output; ")
     assert "hint: --empty_outputs skip drops rows with an empty output" in msg
 

@@ -11,10 +11,8 @@ from tiny import make_tiny_model
 from lora_alpaca.constants import IGNORE_INDEX
 from lora_alpaca.data.packing import (
     count_supervised,
-    group_by_length,
     pack_rows,
     pad_rows,
-    real_token_share,
 )
 from lora_alpaca.train.loss import causal_lm_loss_sum
 
@@ -152,7 +150,7 @@ def test_row_boundaries_are_masked():
     assert padded["attention_mask"].tolist()[1] == [1, 1, 0, 0]
     assert padded["labels"].tolist()[1] == [-100, 9, -100, -100]
     assert int((padded["labels"][:, 1:] != IGNORE_INDEX).sum()) == 4
-    assert real_token_share(rows, packed=False, pad_to_multiple_of=4) == pytest.approx(9 / 16)
+    assert padded["attention_mask"].float().mean().item() == pytest.approx(9 / 16)  # real share
 
 
 def test_bad_rows_are_rejected():
@@ -163,6 +161,14 @@ def test_bad_rows_are_rejected():
 
 
 def test_group_by_length_covers_every_row_once_and_groups_lengths():
+    # The live implementation: the training loop's step windows under --group_by_length.
+    from lora_alpaca.train.config import FinetuneConfig
+    from lora_alpaca.train.loop import epoch_windows
+
+    def group_by_length(lengths, batch_size, seed):
+        cfg = FinetuneConfig(batch_size=batch_size, group_by_length=True, seed=seed)
+        return epoch_windows(len(lengths), lengths, cfg, epoch=0)
+
     rng = random.Random(0)
     lengths = [rng.randrange(10, 300) for _ in range(1000)]
     batches = group_by_length(lengths, batch_size=4, seed=3)

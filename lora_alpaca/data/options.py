@@ -3,7 +3,7 @@ do with bad rows. Its own module because both the pipeline and the row validatio
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 
 @dataclass
@@ -16,7 +16,7 @@ class DataOptions:
     train_on_inputs: bool = False
     add_eos_token: bool = True
     overlength: str = "truncate"  # truncate | drop | error
-    empty_outputs: str = "error"  # error | skip
+    empty_outputs: str = "skip"  # skip | error (the finetune default: alpaca_data.json has 28)
     duplicates: str = "skip"  # skip | error
     val_set_size: int = 2000  # rows; 0 = no validation split
     seed: int = 42
@@ -24,3 +24,9 @@ class DataOptions:
     data_format: str = "auto"  # auto | alpaca | sharegpt | messages (data/conversations.py)
     chat_template: str | None = None  # conversations: base | alpaca | PATH.jinja (None: default)
     train_on_turns: str = "all"  # conversations: all | last assistant turns learned
+
+    @classmethod
+    def from_config(cls, cfg) -> DataOptions:
+        """The options from a command's config (FinetuneConfig): every field of the same name,
+        so a data setting is declared once per command and never copied by hand."""
+        return cls(**{f.name: getattr(cfg, f.name) for f in fields(cls)})

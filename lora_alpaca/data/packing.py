@@ -89,34 +89,3 @@ def pad_rows(
         "labels": labels,
         "position_ids": position_ids,
     }
-
-
-def real_token_share(
-    rows: Sequence[dict], packed: bool, pad_to_multiple_of: int | None = None
-) -> float:
-    """Share of the positions the model computes on that are real tokens (1.0 when packed)."""
-    lengths = [len(row["input_ids"]) for row in rows]
-    if packed:
-        return 1.0
-    width = max(lengths)
-    if pad_to_multiple_of:
-        width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
-    return sum(lengths) / (width * len(lengths))
-
-
-def group_by_length(lengths: Sequence[int], batch_size: int, seed: int = 0) -> list[list[int]]:
-    """Micro-batches of `batch_size` row indices with similar lengths, in shuffled order.
-
-    For padded runs (`--group_by_length`): sort indices by length in random "megabatches"
-    of 50 micro-batches, as HF's LengthGroupedSampler does, so padding shrinks while batch
-    order stays random. Written here because the HF sampler is tied to its Trainer.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(lengths), generator=gen).tolist()
-    mega = batch_size * 50
-    batches: list[list[int]] = []
-    for start in range(0, len(order), mega):
-        chunk = sorted(order[start : start + mega], key=lambda i: -lengths[i])
-        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
-    perm = torch.randperm(len(batches), generator=gen).tolist()
-    return [batches[i] for i in perm]

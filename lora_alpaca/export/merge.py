@@ -102,7 +102,8 @@ def compare_merge_bases(info: AdapterInfo, chosen: str, merged, tokenizer, promp
     del trained
     other = "original" if chosen == "dequantized" else "dequantized"
     candidates = {chosen: merged, other: merged_model(info, other, cfg)[0]}
-    return {"exported": chosen, **rank_candidates(refs, candidates, tokenizer.eos_token_id)}
+    ranked = rank_candidates(refs, candidates, tokenizer.eos_token_id)
+    return {"exported": chosen, "quantization": info.quantization, **ranked}
 
 
 def _write_report(out: Path, report: dict) -> None:

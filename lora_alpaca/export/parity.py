@@ -268,9 +268,12 @@ def summary_lines(report: dict) -> list[str]:
                 f"parity {verdict} {s['target']}: token ids identical on {s['prompts_checked']} prompts"
             )
         lines.extend(f"  - {f}" for f in s["failures"][:5])
+    bits = {"8bit": "8-bit", "4bit": "4-bit"}.get(
+        (report.get("merge_base") or {}).get("quantization")
+    )
     for cand in (report.get("merge_base") or {}).get("candidates", []):
         lines.append(
-            f"merge_base {cand['merge_base']}: vs the 4-bit adapter max|dlogit| "
+            f"merge_base {cand['merge_base']}: vs the {bits or 'quantized'} adapter max|dlogit| "
             f"{cand['max_abs_logit_diff']:.3g}, top-1 agreement {cand['top1_agreement']:.4f}"
         )
     if report.get("merge_base"):

@@ -102,16 +102,7 @@ def check_flags(cfg: GenerateConfig) -> DecodingSettings:
             raise UsageError(f"--{flag} {getattr(cfg, flag)}: must be >= 1")
     if not 0 <= cfg.server_port <= 65535:
         raise UsageError(f"--server_port {cfg.server_port}: must be 0-65535")
-    return DecodingSettings(
-        cfg.mode,
-        cfg.temperature,
-        cfg.top_p,
-        cfg.top_k,
-        cfg.num_beams,
-        cfg.repetition_penalty,
-        cfg.max_new_tokens,
-        cfg.seed,
-    ).validate()
+    return DecodingSettings.from_config(cfg).validate()
 
 
 def chat_renderer_for(cfg: GenerateConfig, gen):
@@ -205,3 +196,17 @@ def main(cfg: GenerateConfig) -> int:
         cfg.share,
     )
     return 0
+
+
+HELP = """Sample from a fine-tuned adapter (or a base / merged model): browser UI, one prompt, or a file.
+
+\b
+python generate.py --lora_weights ./lora-alpaca                       # sampler on 127.0.0.1:7860
+python generate.py --lora_weights ./lora-alpaca --prompt "Tell me about alpacas."
+python generate.py --input_file prompts.jsonl --output_file out.jsonl  # batches, default base
+"""
+
+
+def console_main() -> None:
+    """The `lora-alpaca-generate` console command (same flags as generate.py)."""
+    cli.run(cli.build_command(GenerateConfig, main, help=HELP))

