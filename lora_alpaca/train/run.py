@@ -147,6 +147,16 @@ def run_training(cfg: FinetuneConfig) -> int:
         )
     if cfg.audit_only:
         return 0
+    from lora_alpaca.chat_template import build_renderer
+    from lora_alpaca.data.pipeline import conversation_renderer
+
+    # The template of training is the template of every artifact: conversation rows keep
+    # their chat template, Alpaca rows get the multi-turn alpaca form of their prompt.
+    renderer = (
+        conversation_renderer(opts, tokenizer, template)
+        if prepared.audit.conversation
+        else build_renderer(tokenizer, "alpaca", template)
+    )
     if len(prepared.train) < cfg.batch_size:
         raise UsageError(
             f"--batch_size {cfg.batch_size} is larger than the {len(prepared.train)} training rows; lower it"
@@ -244,6 +254,9 @@ def run_training(cfg: FinetuneConfig) -> int:
             dtype=precision.label,
             lora=lora,
         )
+        manifest["data_format"] = prepared.audit.conversation.get("format", "alpaca")
+        manifest["chat_template"] = renderer.to_manifest()
+        tokenizer.chat_template = renderer.jinja_source  # saved with the adapter
         run_info = {
             "config": cfg.to_dict(),
             "versions": library_versions(),
