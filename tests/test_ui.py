@@ -232,3 +232,42 @@ def test_exposure_warnings():
     assert exposure_warning("127.0.0.1", False) is None
     assert "0.0.0.0" in exposure_warning("0.0.0.0", False)
     assert "gradio.live" in exposure_warning("127.0.0.1", True)
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+def test_browser_chat_three_turns(server):
+    """The Chat page: three turns with a system prompt, each answer streamed into the chat,
+    regenerate replaces the last answer, base model side by side, clear empties it."""
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.set_default_timeout(120_000)
+            page.goto(server["url"])
+            page.get_by_role("tab", name="Chat").click()
+            status = page.locator("#chat_status")
+            page.locator("#chat_system textarea").fill("Answer briefly.")
+            # gradio nests a few .message elements per chat message: count per exchange.
+            bubbles = page.locator("#chat .message")
+            per_exchange = 0
+            for turn, text in enumerate(["Hello!", "Name a colour.", "Thanks, goodbye."], 1):
+                page.locator("#chat_input textarea").fill(text)
+                page.locator("#chat_send").click()
+                expect(status).to_contain_text(f"turn {turn}: ended by", timeout=240_000)
+                if turn == 1:
+                    expect(bubbles).not_to_have_count(0)
+                    per_exchange = bubbles.count()
+                expect(bubbles).to_have_count(per_exchange * turn, timeout=60_000)
+                expect(page.locator("#chat")).to_contain_text(text)
+            page.locator("#chat_compare input").check()
+            page.locator("#chat_regenerate").click()
+            expect(status).to_contain_text("base model answered", timeout=240_000)
+            expect(bubbles).to_have_count(per_exchange * 3)
+            expect(page.locator("#base_chat .message")).to_have_count(per_exchange * 3)
+            page.locator("#chat_clear").click()
+            expect(bubbles).to_have_count(0)
+        finally:
+            browser.close()

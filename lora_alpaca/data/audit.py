@@ -49,6 +49,7 @@ class Audit:
     )  # {"position", "segments": [[text, learned]]}
     context_len: int = 0  # the model's context, set by finetune.py; caps the recommendation
     notes: list[str] = field(default_factory=list)  # warnings worth repeating on every run
+    conversation: dict = field(default_factory=dict)  # conversation data only (conversations.py)
 
     @property
     def truncated_share(self) -> float:
@@ -185,6 +186,9 @@ def format_audit(audit: Audit, color: bool | None = None) -> str:
             else ""
         ),
     ]
+    from lora_alpaca.data.conversations import conversation_lines
+
+    lines += conversation_lines(audit)
     for note in audit.notes:
         lines.append(f"  note: {note}")
     mark = "in green" if color else "between [[ and ]]"

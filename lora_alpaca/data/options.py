@@ -21,6 +21,9 @@ class DataOptions:
     val_set_size: float = 2000  # rows (or a fraction in (0, 1) of them); 0 = no validation split
     seed: int = 42
     allow_unsupervised: bool = False  # drop rows with zero learned tokens instead of refusing
+    data_format: str = "auto"  # auto | alpaca | sharegpt | messages (data/conversations.py)
+    chat_template: str | None = None  # conversations: base | alpaca | PATH.jinja (None: default)
+    train_on_turns: str = "all"  # conversations: all | last assistant turns learned
 
     @classmethod
     def from_config(cls, cfg) -> DataOptions:

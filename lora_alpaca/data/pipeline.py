@@ -77,13 +77,18 @@ def effective_val_size(requested: float, n_rows: int) -> tuple[int, str | None]:
 
 
 def fingerprint_of(
-    data_fp: str, encoder: Encoder, template: PromptTemplate, opts: DataOptions
+    data_fp: str, encoder: Encoder, template: PromptTemplate, opts: DataOptions, renderer=None
 ) -> str:
-    settings = {k: v for k, v in dataclasses.asdict(opts).items() if k != "data"}
-    blob = json.dumps(
-        [CACHE_VERSION, data_fp, encoder.fingerprint(), template.to_dict(), settings],
-        sort_keys=True,
-    )
+    defaults = {"data_format": "auto", "chat_template": None, "train_on_turns": "all"}
+    settings = {
+        k: v
+        for k, v in dataclasses.asdict(opts).items()
+        if k != "data" and not (k in defaults and v == defaults[k])
+    }
+    parts = [CACHE_VERSION, data_fp, encoder.fingerprint(), template.to_dict(), settings]
+    if renderer is not None:  # conversation data may be read: its exact template counts
+        parts.append(renderer.jinja_source)
+    blob = json.dumps(parts, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
@@ -100,7 +105,13 @@ def _build(
     template: PromptTemplate,
     source_name: str,
     sources: list[SourceFile],
+    renderer=None,
 ):
+    from lora_alpaca.data.conversations import build_conversations, detect_format
+
+    fmt = opts.data_format if opts.data_format != "auto" else detect_format(sources)
+    if fmt != "alpaca":
+        return build_conversations(opts, renderer, fmt, source_name, sources)
     rows = validate(sources, opts, source_name)
     batch = encoder.encode_rows(rows.instructions, rows.inputs, rows.outputs)
     problems = Problems(source_name)
@@ -249,14 +260,15 @@ def prepare_data(
         data_fp = files_fingerprint(files)
     else:  # a hub dataset: its fingerprint is only known once loaded (from its local cache)
         sources, data_fp = read_sources(opts.data)
-    fingerprint = fingerprint_of(data_fp, encoder, template, opts)
+    renderer = conversation_renderer(opts, tokenizer, template)
+    fingerprint = fingerprint_of(data_fp, encoder, template, opts, renderer)
     entry = Path(cache_dir if cache_dir is not None else default_cache_dir()) / fingerprint
     cached = _load_cache(entry)
     pending = lambda: None  # noqa: E731 - nothing to save when the cache was hit
     if cached is None:
         if sources is None:
             sources, _ = read_sources(opts.data)
-        tables, audit = _build(opts, encoder, template, opts.data, sources)
+        tables, audit = _build(opts, encoder, template, opts.data, sources, renderer)
 
         def save() -> None:
             try:
@@ -288,8 +300,19 @@ def prepare_data(
     )
 
 
+def conversation_renderer(opts: DataOptions, tokenizer, template: PromptTemplate):
+    """The renderer conversation rows would use (None when the rows are Alpaca for sure)."""
+    if opts.data_format == "alpaca":
+        return None
+    from lora_alpaca.chat_template import build_renderer, default_spec
+
+    return build_renderer(tokenizer, opts.chat_template or default_spec(tokenizer), template)
+
+
 def _check_options(opts: DataOptions) -> None:
     for flag, value, allowed in (
+        ("--data_format", opts.data_format, ("auto", "alpaca", "sharegpt", "messages")),
+        ("--train_on_turns", opts.train_on_turns, ("all", "last")),
         ("--overlength", opts.overlength, ("truncate", "drop", "error")),
         ("--empty_outputs", opts.empty_outputs, ("error", "skip")),
         ("--duplicates", opts.duplicates, ("skip", "error")),

@@ -175,8 +175,10 @@ def write_gguf(
     qtype: str,
     name: str,
     stop_strings: tuple[str, ...] | None = None,
+    renderer=None,
 ) -> Path:
-    """Write `model` (fp32, merged) to `path` as a single GGUF file."""
+    """Write `model` (fp32, merged) to `path` as a single GGUF file; `renderer` (a
+    ChatRenderer) gives the chat template and end-of-turn id (else the single-turn form)."""
     import gguf
 
     if qtype not in GGUF_TYPES:
@@ -229,7 +231,12 @@ def write_gguf(
             getattr(w, f"add_{key}_token_id")(tid)
     w.add_add_bos_token(tok["add_bos"])
     w.add_add_eos_token(tok["add_eos"])
-    w.add_chat_template(chat_template_for(template))
+    w.add_chat_template(renderer.jinja_source if renderer else chat_template_for(template))
+    extra_eog = [
+        i for i in (renderer.eog_token_ids if renderer else []) if i != tokenizer.eos_token_id
+    ]
+    if extra_eog:  # the template's end-of-turn token (ChatML <|im_end|> beside a separate EOS)
+        w.add_eot_token_id(extra_eog[0])
     # Not llama.cpp keys (it ignores unknown ones): the exact prompt format and stops, for
     # people writing an Ollama Modelfile or a frontend preset by hand.
     w.add_string("lora_alpaca.prompt_template", json.dumps(template.to_dict()))

@@ -143,6 +143,11 @@ def run_export(cfg) -> int:
         ) from None
     merge_base = resolve_merge_base(cfg.merge_base, info)
     tokenizer = load_tokenizer_for(info, cfg.trust_remote_code)
+    from lora_alpaca.chat_template import renderer_from_manifest
+
+    # The template of training goes into every artifact (tokenizer and GGUF).
+    renderer = renderer_from_manifest(info.manifest, tokenizer)
+    tokenizer.chat_template = renderer.jinja_source
     if gguf_types:  # refuse unsupported models before any heavy work or any disk write
         base_config = load_config(info.base, cfg.trust_remote_code)
         check_supported(base_config)
@@ -178,6 +183,7 @@ def run_export(cfg) -> int:
                 qtype,
                 name,
                 stop_strings=info.stop_strings,
+                renderer=renderer,
             )
         if not cfg.gguf_only:
             log(f"writing the transformers checkpoint ({cfg.dtype})")

@@ -291,10 +291,20 @@ def check_exports(out: Path, refs: list[PromptRef], info, record: dict) -> list[
     """Parity sections for every artifact in `out` (transformers folder and GGUF files)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from lora_alpaca.chat_template import renderer_from_manifest
+    from lora_alpaca.export.adapter import load_tokenizer_for
     from lora_alpaca.export.gguf import gguf_file_name, load_gguf_model
+    from lora_alpaca.export.template_parity import template_parity
 
     eos = info.manifest["special_tokens"]["eos_token_id"]
-    sections = []
+    renderer = renderer_from_manifest(info.manifest, load_tokenizer_for(info))
+    sections = [
+        template_parity(
+            renderer,
+            out if record["transformers"] else None,
+            [out / gguf_file_name(q) for q in record["gguf"]],
+        )
+    ]
     if record["transformers"]:
         model = AutoModelForCausalLM.from_pretrained(
             out, dtype=torch.float32, use_safetensors=True
@@ -322,7 +332,7 @@ def check_exports(out: Path, refs: list[PromptRef], info, record: dict) -> list[
             )
         except Exception as e:  # noqa: BLE001 - any template failure is a parity failure
             rendered = f"<error: {e}>"
-        if rendered != info.template.build_prompt(instruction):
+        if rendered != renderer.render([{"role": "user", "content": instruction}]):
             tok["passed"] = False
             tok["failures"].append("chat template does not render the adapter's prompt")
         sections.append(tok)

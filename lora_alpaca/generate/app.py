@@ -176,6 +176,20 @@ def load_generator(req):
     return load(req)
 
 
+def chat_renderer_for(cfg: GenerateConfig, gen):
+    """The adapter's training renderer (chat page first when it trained on conversations),
+    else the base tokenizer's chat template, else the alpaca form of the prompt template."""
+    from lora_alpaca.chat_template import build_renderer, default_spec, renderer_from_manifest
+
+    if cfg.lora_weights:
+        from lora_alpaca.runfolder import read_manifest
+
+        manifest = read_manifest(cfg.lora_weights[-1])  # the adapter loaded: the last one given
+        renderer = renderer_from_manifest(manifest, gen.tokenizer)
+        return renderer, manifest.get("data_format", "alpaca") != "alpaca"
+    return build_renderer(gen.tokenizer, default_spec(gen.tokenizer), gen.template), False
+
+
 def main(cfg: GenerateConfig) -> int:
     from lora_alpaca.fileio import check_output_file
     from lora_alpaca.generate.batch import read_prompt_rows
@@ -224,7 +238,8 @@ def main(cfg: GenerateConfig) -> int:
         from lora_alpaca.fileio import write_jsonl_atomic, write_text_atomic
         from lora_alpaca.generate.batch import generate_rows
 
-        answered = generate_rows(gen, rows, settings, cfg.batch_size)
+        renderer = chat_renderer_for(cfg, gen)[0] if any("messages" in r for r in rows) else None
+        answered = generate_rows(gen, rows, settings, cfg.batch_size, renderer=renderer)
         write_jsonl_atomic(out, answered)
         log(f"wrote {len(answered)} rows to {out}", tag="generate")
         if cfg.probe_report:
@@ -259,11 +274,13 @@ def main(cfg: GenerateConfig) -> int:
         )
         return 0
 
-    from lora_alpaca.generate.ui import ServerLimits, build_demo, launch
+    from lora_alpaca.generate.chat_page import build_app
+    from lora_alpaca.generate.ui import ServerLimits, launch
 
     limits = ServerLimits(cfg.max_input_chars, cfg.max_new_tokens_limit, cfg.concurrency_limit)
+    renderer, chat_first = chat_renderer_for(cfg, gen)
     launch(
-        build_demo(gen, loaded.description, settings, limits),
+        build_app(gen, renderer, loaded.description, settings, limits, chat_first),
         cfg.server_name,
         cfg.server_port,
         cfg.share,

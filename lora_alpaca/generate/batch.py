@@ -21,6 +21,10 @@ from lora_alpaca.progress import bar_enabled
 def _row_fields(row: object, where: str) -> dict:
     if not isinstance(row, dict):
         raise UsageError(f"--input_file {where}: expected a JSON object, got {type(row).__name__}")
+    if "messages" in row:  # a conversation: rendered by the chat renderer (chat_page.py)
+        from lora_alpaca.generate.chat_page import message_row
+
+        return message_row(row, where)
     instruction = row.get("instruction")
     if not isinstance(instruction, str) or not instruction.strip():
         raise UsageError(f"--input_file {where}: needs a non-empty string 'instruction'")
@@ -74,12 +78,20 @@ def generate_rows(
     settings: DecodingSettings,
     batch_size: int,
     progress: bool = True,
+    renderer=None,
 ) -> list[dict]:
     """Answers for every row, in input order. Rows are batched by prompt length (less
     padding), which does not change greedy answers: batched equals one-by-one."""
     from tqdm import tqdm
 
-    prompts = [gen.prompt_for(r["instruction"], r["input"]) for r in rows]
+    from lora_alpaca.generate.chat_page import chat_prompt
+
+    prompts = [
+        chat_prompt(renderer, "", r["messages"][:-1], r["messages"][-1]["content"])
+        if "messages" in r
+        else gen.prompt_for(r["instruction"], r["input"])
+        for r in rows
+    ]
     lengths = [gen.prompt_tokens(p) for p in prompts]
     order = sorted(range(len(rows)), key=lambda i: lengths[i])
     results: list[dict | None] = [None] * len(rows)

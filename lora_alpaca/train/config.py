@@ -52,6 +52,23 @@ class FinetuneConfig:
         "Alpaca-format data: .json (array), .jsonl, .csv, .parquet, a folder of those, or a datasets hub id. Rows have instruction, input (optional), output.",
         aliases=("--data_path",),
     )
+    data_format: str = _data(
+        "auto",
+        "Row format: alpaca (instruction/input/output), sharegpt ({conversations: [{from, value}]}), messages ({messages: [{role, content}]}), or auto (detected from the rows).",
+        choices=["auto", "alpaca", "sharegpt", "messages"],
+        tags=("resume",),
+    )
+    chat_template: str | None = _data(
+        None,
+        "Conversations: base (the base tokenizer's chat template; the default when it has one), alpaca (multi-turn form of --prompt_template_name; the default otherwise), or a path to a .jinja file.",
+        tags=("resume",),
+    )
+    train_on_turns: str = _data(
+        "all",
+        "Conversations: learn every assistant turn (all) or only the last one (last).",
+        choices=["all", "last"],
+        tags=("resume",),
+    )
     instruction_column: str = _data(
         "instruction", "Column holding the instruction.", tags=("resume",)
     )

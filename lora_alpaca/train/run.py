@@ -153,6 +153,16 @@ def run_training(cfg: FinetuneConfig) -> int:
         )
     if cfg.audit_only:
         return 0
+    from lora_alpaca.chat_template import build_renderer
+    from lora_alpaca.data.pipeline import conversation_renderer
+
+    # The template of training is the template of every artifact: conversation rows keep
+    # their chat template, Alpaca rows get the multi-turn alpaca form of their prompt.
+    renderer = (
+        conversation_renderer(opts, tokenizer, template)
+        if prepared.audit.conversation
+        else build_renderer(tokenizer, "alpaca", template)
+    )
     if len(prepared.train) < cfg.batch_size:
         raise UsageError(
             f"--batch_size {cfg.batch_size} is larger than the {len(prepared.train)} training rows; lower it"
@@ -162,7 +172,16 @@ def run_training(cfg: FinetuneConfig) -> int:
     lock = RunLock(output_dir) if int(os.environ.get("RANK", "0")) == 0 else None
     try:
         return _train_locked(
-            cfg, started, output_dir, resume_path, template, ref, tokenizer, prepared, lock
+            cfg,
+            started,
+            output_dir,
+            resume_path,
+            template,
+            ref,
+            tokenizer,
+            prepared,
+            renderer,
+            lock,
         )
     except BaseException:
         if lock is not None:
@@ -199,7 +218,7 @@ def preflight_output_dir(cfg: FinetuneConfig, output_dir: Path) -> None:
 
 
 def _train_locked(
-    cfg, started, output_dir, resume_path, template, ref, tokenizer, prepared, lock
+    cfg, started, output_dir, resume_path, template, ref, tokenizer, prepared, renderer, lock
 ) -> int:
     """Model, lock on the output folder, training, final outputs."""
     from accelerate import Accelerator
@@ -321,6 +340,9 @@ def _train_locked(
             dtype=precision.label,
             lora=lora,
         )
+        manifest["data_format"] = prepared.audit.conversation.get("format", "alpaca")
+        manifest["chat_template"] = renderer.to_manifest()
+        tokenizer.chat_template = renderer.jinja_source  # saved with the adapter
         run_info = {
             "config": cfg.to_dict(),
             "versions": library_versions(),
