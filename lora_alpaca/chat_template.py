@@ -37,10 +37,10 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from lora_alpaca.constants import IGNORE_INDEX
 from lora_alpaca.errors import UsageError
 from lora_alpaca.prompts import PromptTemplate
 
-IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant")
 SPECS_HELP = "base (the tokenizer's own chat template), alpaca, or a path to a .jinja file"
 
