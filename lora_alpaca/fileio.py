@@ -27,6 +27,15 @@ from typing import Any
 from lora_alpaca.errors import UsageError
 
 
+def expand_user(path) -> Path:
+    """`~` / `~user` expanded where it can be; a name like `~..` (no such user) stays as
+    typed instead of raising RuntimeError out of pathlib."""
+    try:
+        return Path(path).expanduser()
+    except RuntimeError:
+        return Path(path)
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     """Temp file + fsync + rename: a crash never leaves a half-written file."""
     path = Path(path)
@@ -93,7 +102,7 @@ PATH_FLAGS = (
 
 def name_max(path: str) -> int:
     """Longest file name the file system takes (255 bytes almost everywhere)."""
-    probe = Path(path).expanduser()
+    probe = expand_user(path)
     while not os.path.lexists(probe) and probe != probe.parent:  # lexists: no ENAMETOOLONG
         probe = probe.parent
     try:
@@ -108,7 +117,7 @@ def check_name_lengths(values: dict[str, object]) -> None:
         if flag not in PATH_FLAGS or not isinstance(value, str) or not value:
             continue
         limit = name_max(value)
-        for part in Path(value).expanduser().parts:
+        for part in expand_user(value).parts:
             if len(os.fsencode(part)) > limit:
                 raise UsageError(
                     f"--{flag}: the path component {part[:40]}... is {len(os.fsencode(part))} bytes; "
@@ -136,7 +145,7 @@ def _human(n: float) -> str:
 def check_writable_dir(flag: str, folder: Path, need_bytes: int = 0) -> None:
     """The folder exists or can be created, a file can be written in it, and the disk
     has `need_bytes` free. Writes nothing."""
-    folder = Path(folder).expanduser().absolute()
+    folder = expand_user(folder).absolute()
     base = _existing_ancestor(folder)
     if not base.is_dir():
         raise UsageError(f"{flag} {folder}: {base} is a file, not a folder")
@@ -174,17 +183,16 @@ def check_output_file(
 ) -> Path:
     """An output file that is safe to write: not an input, not another output, a regular
     file if it exists (and then only with `overwrite`), in a writable folder."""
-    p = Path(path).expanduser()
+    p = expand_user(path)
     for in_flag, in_path in (inputs or {}).items():
         if in_path and (
-            _same(p, Path(in_path).expanduser())
-            or p.absolute() == Path(in_path).expanduser().absolute()
+            _same(p, expand_user(in_path)) or p.absolute() == expand_user(in_path).absolute()
         ):
             raise UsageError(
                 f"{flag} {path}: is the same file as {in_flag}; it would be overwritten"
             )
     for out_flag, out_path in (others or {}).items():
-        if out_path and Path(out_path).expanduser().absolute() == p.absolute():
+        if out_path and expand_user(out_path).absolute() == p.absolute():
             raise UsageError(
                 f"{flag} {path}: is the same file as {out_flag}; give two different files"
             )

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from lora_alpaca.errors import UsageError
 from lora_alpaca.filecheck import loads_json
+from lora_alpaca.fileio import expand_user
 
 # Inside the package, so a wheel carries them; in a clone this is a symlink to the top-level
 # templates/ folder (one copy of each file), hence the resolve().
@@ -154,12 +155,12 @@ def parse_template(data: object, name: str, source: str) -> PromptTemplate:
 
 def template_path(name_or_path: str) -> Path:
     """A bundled name (`alpaca`) or a path to the user's own `.json` template."""
-    if Path(name_or_path).expanduser().is_dir():
+    if expand_user(name_or_path).is_dir():
         raise UsageError(
             f"--prompt_template_name {name_or_path}: is a folder; give a template name or a .json file"
         )
     if name_or_path.endswith(".json"):
-        path = Path(name_or_path).expanduser()
+        path = expand_user(name_or_path)
         if not path.is_file():
             raise UsageError(f"--prompt_template_name: no such template file {name_or_path!r}")
         return path.resolve()
