@@ -176,15 +176,14 @@ def load_generator(req):
     return load(req)
 
 
-def chat_renderer_for(cfg: GenerateConfig, gen):
+def chat_renderer_for(loaded):
     """The adapter's training renderer (chat page first when it trained on conversations),
-    else the base tokenizer's chat template, else the alpaca form of the prompt template."""
+    else the base tokenizer's chat template, else the alpaca form of the prompt template.
+    The manifest is the one load_generator read for the adapter it loaded (the last given)."""
     from lora_alpaca.chat_template import build_renderer, default_spec, renderer_from_manifest
 
-    if cfg.lora_weights:
-        from lora_alpaca.runfolder import read_manifest
-
-        manifest = read_manifest(cfg.lora_weights[-1])  # the adapter loaded: the last one given
+    gen, manifest = loaded.generator, loaded.adapter_manifest
+    if manifest is not None:
         renderer = renderer_from_manifest(manifest, gen.tokenizer)
         return renderer, manifest.get("data_format", "alpaca") != "alpaca"
     return build_renderer(gen.tokenizer, default_spec(gen.tokenizer), gen.template), False
@@ -238,7 +237,7 @@ def main(cfg: GenerateConfig) -> int:
         from lora_alpaca.fileio import write_jsonl_atomic, write_text_atomic
         from lora_alpaca.generate.batch import generate_rows
 
-        renderer = chat_renderer_for(cfg, gen)[0] if any("messages" in r for r in rows) else None
+        renderer = chat_renderer_for(loaded)[0] if any("messages" in r for r in rows) else None
         answered = generate_rows(gen, rows, settings, cfg.batch_size, renderer=renderer)
         write_jsonl_atomic(out, answered)
         log(f"wrote {len(answered)} rows to {out}", tag="generate")
@@ -278,7 +277,7 @@ def main(cfg: GenerateConfig) -> int:
     from lora_alpaca.generate.ui import ServerLimits, launch
 
     limits = ServerLimits(cfg.max_input_chars, cfg.max_new_tokens_limit, cfg.concurrency_limit)
-    renderer, chat_first = chat_renderer_for(cfg, gen)
+    renderer, chat_first = chat_renderer_for(loaded)
     launch(
         build_app(gen, renderer, loaded.description, settings, limits, chat_first),
         cfg.server_name,

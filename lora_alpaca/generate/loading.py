@@ -51,6 +51,7 @@ class LoadRequest:
 class Loaded:
     generator: TextGenerator
     description: str  # one line for logs and the page header
+    adapter_manifest: dict | None = None  # --lora_weights' manifest, as read and checked here
 
 
 def _device(name: str | None) -> torch.device:
@@ -122,4 +123,8 @@ def load_generator(req: LoadRequest) -> Loaded:
             ) from None
         description = f"adapter {req.lora_weights} on {ref.name}"
     description += f", template {template.name}, {precision.label}"
-    return Loaded(TextGenerator(model, tokenizer, template, device), description)
+    return Loaded(
+        TextGenerator(model, tokenizer, template, device),
+        description,
+        manifest if req.lora_weights else None,
+    )
