@@ -15,8 +15,8 @@ import gradio as gr
 
 from lora_alpaca.chat_template import ChatRenderer, TemplateRenderError
 from lora_alpaca.data.tokenize import bos_prefix
-from lora_alpaca.generate.engine import MODES, DecodingSettings, TextGenerator
-from lora_alpaca.generate.ui import ServerLimits, build_demo, make_settings
+from lora_alpaca.generate.engine import DecodingSettings, TextGenerator
+from lora_alpaca.generate.ui import ServerLimits, build_demo, decoding_controls, make_settings
 
 
 def message_row(row: dict, where: str) -> dict:
@@ -111,19 +111,7 @@ def build_chat(gen, renderer: ChatRenderer, defaults: DecodingSettings, limits: 
     with gr.Row():
         with gr.Column(scale=1):
             system = gr.Textbox(label="System prompt (optional)", lines=2, elem_id="chat_system")
-            mode = gr.Radio(list(MODES), value=d.mode, label="Decoding", elem_id="chat_mode")
-            temperature = gr.Slider(0.05, 2.0, value=d.temperature, step=0.05, label="Temperature")
-            top_p = gr.Slider(0.05, 1.0, value=d.top_p, step=0.05, label="Top p")
-            top_k = gr.Slider(0, 200, value=d.top_k, step=1, label="Top k (0 = off)")
-            seed = gr.Number(value=d.seed, precision=0, label="Seed")
-            num_beams = gr.Slider(2, 8, value=max(2, d.num_beams), step=1, label="Beams")
-            repetition_penalty = gr.Slider(
-                1.0, 2.0, value=d.repetition_penalty, step=0.05, label="Repetition penalty"
-            )
-            max_new_tokens = gr.Slider(
-                1, limits.max_new_tokens, value=min(d.max_new_tokens, limits.max_new_tokens),
-                step=1, label="Max new tokens",
-            )  # fmt: skip
+            controls = decoding_controls(d, limits, "chat_mode", follow_mode=False)
             compare = gr.Checkbox(
                 value=False, label="Side by side with the base model (adapter off)",
                 visible=gen.has_adapter, elem_id="chat_compare",
@@ -139,16 +127,6 @@ def build_chat(gen, renderer: ChatRenderer, defaults: DecodingSettings, limits: 
                 regenerate = gr.Button("Regenerate", elem_id="chat_regenerate")
                 clear = gr.Button("Clear", elem_id="chat_clear")
             status = gr.Markdown(elem_id="chat_status")
-    controls = [
-        mode,
-        temperature,
-        top_p,
-        top_k,
-        num_beams,
-        repetition_penalty,
-        max_new_tokens,
-        seed,
-    ]
 
     def run(system, history, message, compare_with_base, *ctl):
         try:

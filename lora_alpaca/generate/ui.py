@@ -143,6 +143,48 @@ def respond(
     yield answer, base, status
 
 
+def decoding_controls(
+    d: DecodingSettings, limits: ServerLimits, mode_id: str, follow_mode: bool
+) -> list:
+    """The decoding controls of both pages, in make_settings' argument order (mode,
+    temperature, top_p, top_k, num_beams, repetition_penalty, max_new_tokens, seed), built
+    inside the caller's layout. `follow_mode`: show only the controls the chosen mode uses."""
+    sampling = d.mode == "sample" or not follow_mode
+    beams = d.mode == "beam" or not follow_mode
+    mode = gr.Radio(list(MODES), value=d.mode, label="Decoding", elem_id=mode_id)
+    temperature = gr.Slider(
+        0.05, 2.0, value=d.temperature, step=0.05, label="Temperature", visible=sampling
+    )
+    top_p = gr.Slider(0.05, 1.0, value=d.top_p, step=0.05, label="Top p", visible=sampling)
+    top_k = gr.Slider(0, 200, value=d.top_k, step=1, label="Top k (0 = off)", visible=sampling)
+    seed = gr.Number(value=d.seed, precision=0, label="Seed", visible=sampling)
+    num_beams = gr.Slider(2, 8, value=max(2, d.num_beams), step=1, label="Beams", visible=beams)
+    repetition_penalty = gr.Slider(
+        1.0, 2.0, value=d.repetition_penalty, step=0.05, label="Repetition penalty"
+    )
+    max_new_tokens = gr.Slider(
+        1,
+        limits.max_new_tokens,
+        value=min(d.max_new_tokens, limits.max_new_tokens),
+        step=1,
+        label="Max new tokens",
+    )
+    if follow_mode:
+
+        def show_controls(m: str):
+            s, b = m == "sample", m == "beam"
+            return [gr.update(visible=s)] * 4 + [gr.update(visible=b)]
+
+        mode.change(
+            show_controls,
+            mode,
+            [temperature, top_p, top_k, seed, num_beams],
+            queue=False,
+            api_visibility="private",
+        )
+    return [mode, temperature, top_p, top_k, num_beams, repetition_penalty, max_new_tokens, seed]
+
+
 def build_demo(
     gen: TextGenerator, description: str, defaults: DecodingSettings, limits: ServerLimits
 ) -> gr.Blocks:
@@ -164,31 +206,7 @@ def build_demo(
                     elem_id="input",
                     max_length=limits.max_input_chars,
                 )
-                mode = gr.Radio(list(MODES), value=d.mode, label="Decoding", elem_id="mode")
-                sampling = d.mode == "sample"
-                temperature = gr.Slider(
-                    0.05, 2.0, value=d.temperature, step=0.05, label="Temperature", visible=sampling
-                )
-                top_p = gr.Slider(
-                    0.05, 1.0, value=d.top_p, step=0.05, label="Top p", visible=sampling
-                )
-                top_k = gr.Slider(
-                    0, 200, value=d.top_k, step=1, label="Top k (0 = off)", visible=sampling
-                )
-                seed = gr.Number(value=d.seed, precision=0, label="Seed", visible=sampling)
-                num_beams = gr.Slider(
-                    2, 8, value=max(2, d.num_beams), step=1, label="Beams", visible=d.mode == "beam"
-                )
-                repetition_penalty = gr.Slider(
-                    1.0, 2.0, value=d.repetition_penalty, step=0.05, label="Repetition penalty"
-                )
-                max_new_tokens = gr.Slider(
-                    1,
-                    limits.max_new_tokens,
-                    value=min(d.max_new_tokens, limits.max_new_tokens),
-                    step=1,
-                    label="Max new tokens",
-                )
+                controls = decoding_controls(d, limits, "mode", follow_mode=True)
                 compare = gr.Checkbox(
                     value=False,
                     label="Compare with base model (adapter off)",
@@ -212,17 +230,6 @@ def build_demo(
                 )
                 status = gr.Markdown(elem_id="status")
 
-        def show_controls(m: str):
-            s, b = m == "sample", m == "beam"
-            return [gr.update(visible=s)] * 4 + [gr.update(visible=b)]
-
-        mode.change(
-            show_controls,
-            mode,
-            [temperature, top_p, top_k, seed, num_beams],
-            queue=False,
-            api_visibility="private",
-        )
         compare.change(
             lambda c: gr.update(visible=bool(c)),
             compare,
@@ -263,19 +270,7 @@ def build_demo(
 
         button.click(
             generate,
-            [
-                instruction,
-                input_box,
-                mode,
-                temperature,
-                top_p,
-                top_k,
-                num_beams,
-                repetition_penalty,
-                max_new_tokens,
-                seed,
-                compare,
-            ],
+            [instruction, input_box, *controls, compare],
             [output, base_output, status],
             api_name="generate",
             concurrency_limit=limits.concurrency_limit,
