@@ -4,20 +4,14 @@ one-prompt mode and the page (gradio_client against the live sampler), and the d
 from __future__ import annotations
 
 import json
-import os
-import signal
 import stat
-import subprocess
-import sys
-import time
-import urllib.request
 
 import pytest
 from adapters import make_adapter
-from conftest import ROOT, run_script
+from conftest import run_script
 from moderation_server import ModerationServer
+from sampler_page import sampler_page
 from test_safeguards_moderation import closed_port
-from test_ui import free_port
 
 pytestmark = pytest.mark.slow
 SAMPLE = ["--mode", "sample", "--temperature", "1.0", "--top_p", "0.95", "--top_k", "0"]
@@ -118,37 +112,12 @@ def page(smollm2, tmp_path_factory):
     # A fixed key where the page looks for one by default (the adapter folder), so the
     # sampled answer below is repeatable; the detector finds it there too.
     write_new_key_file(adapter / "watermark_key.json", WatermarkSettings(int(KEY)))
-    port = free_port()
     log = tmp_path_factory.mktemp("sg-log") / "server.log"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    with open(log, "w") as fh:
-        proc = subprocess.Popen(
-            [sys.executable, str(ROOT / "generate.py"), "--lora_weights", str(adapter),
-             "--server_port", str(port), "--watermark", "--moderation", "keywords",
-             "--max_new_tokens_limit", "120"],
-            stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-        )  # fmt: skip
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            assert proc.poll() is None, log.read_text()[-3000:]
-            try:
-                with urllib.request.urlopen(url, timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.5)
-        yield {"url": url, "adapter": adapter, "log": log}
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    with sampler_page(
+        "--lora_weights", adapter, "--watermark", "--moderation", "keywords",
+        "--max_new_tokens_limit", "120", log=log,
+    ) as page:  # fmt: skip
+        yield {**page, "adapter": adapter}
 
 
 def test_page_refuses_flagged_and_watermarks_answers(page, smollm2, tmp_path):

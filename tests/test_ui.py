@@ -8,18 +8,14 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 from adapters import make_adapter
 from conftest import ROOT
+from sampler_page import sampler_page
 
 from lora_alpaca.generate.ui import ServerLimits, exposure_warning, make_settings
 
@@ -34,12 +30,6 @@ CHROMIUM_ARGS = [
     "--no-first-run",
 ]
 TOKEN_CAP = 48
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def non_loopback_ipv4() -> str | None:
@@ -62,42 +52,13 @@ def non_loopback_ipv4() -> str | None:
 def server(smollm2, tmp_path_factory):
     """generate.py with default binding, an adapter on SmolLM2, a small token cap."""
     adapter = make_adapter(smollm2, tmp_path_factory.mktemp("ui") / "adapter", scale=0.02)
-    port = free_port()
     log = tmp_path_factory.mktemp("ui-log") / "server.log"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    with open(log, "w") as fh:
-        proc = subprocess.Popen(
-            [sys.executable, str(ROOT / "generate.py"), "--lora_weights", str(adapter),
-             "--server_port", str(port), "--max_new_tokens", "40",
-             "--max_new_tokens_limit", str(TOKEN_CAP), "--max_input_chars", "500",
-             "--concurrency_limit", "2"],
-            stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-        )  # fmt: skip
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(
-                    f"generate.py exited with {proc.returncode}:\n{log.read_text()[-3000:]}"
-                )
-            try:
-                with urllib.request.urlopen(url, timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"sampler not up after 300 s:\n{log.read_text()[-3000:]}")
-            time.sleep(0.5)
-        yield {"url": url, "port": port, "log": log}
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    with sampler_page(
+        "--lora_weights", adapter, "--max_new_tokens", "40",
+        "--max_new_tokens_limit", TOKEN_CAP, "--max_input_chars", "500",
+        "--concurrency_limit", "2", log=log,
+    ) as page:  # fmt: skip
+        yield page
 
 
 @pytest.mark.slow
