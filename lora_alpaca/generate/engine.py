@@ -254,11 +254,9 @@ class TextGenerator:
         custom processor so it acts *before* temperature/top-k/top-p (generation_config's
         watermarking_config applies it after them, where the default top_p 0.9 leaves few
         green tokens to pick from: z about 2 instead of 7 on SmolLM2, bench/watermark_rates.py)."""
-        mark = self.safeguards.watermark if self.safeguards else None
-        if mark is None:
-            return []
-        vocab = self.model.config.get_text_config().vocab_size
-        return [mark.transformers_config().construct_processor(vocab, self.device)]
+        guard = self.safeguards
+        mark = guard.watermark_processor(self.model, self.device) if guard else None
+        return [] if mark is None else [mark]
 
     def _refused(self, text: str = "") -> GenerationResult:
         n = len(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else 0

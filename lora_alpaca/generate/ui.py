@@ -53,7 +53,7 @@ def check_request(
         settings.validate()
     except UsageError as e:
         return f"Bad setting: {e}"
-    max_pos = getattr(gen.model.config, "max_position_embeddings", None)
+    max_pos = gen.context_len()
     n = gen.prompt_tokens(gen.prompt_for(instruction, input_text))
     if max_pos and n + settings.max_new_tokens > max_pos:
         return (

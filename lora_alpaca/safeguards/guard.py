@@ -34,8 +34,13 @@ class Safeguards:
     window_chars: int = 64
     fail_open: bool = False
 
-    def watermarking_config(self):
-        return self.watermark.transformers_config() if self.watermark else None
+    def watermark_processor(self, model, device):
+        """transformers' WatermarkLogitsProcessor over `model`'s vocabulary (None without
+        --watermark): the one construction both the generator and the API server use."""
+        if self.watermark is None:
+            return None
+        vocab = model.config.get_text_config().vocab_size
+        return self.watermark.transformers_config().construct_processor(vocab, device)
 
     def check(self, text: str, what: str) -> Verdict | None:
         """The verdict when `text` is flagged, else None. An unavailable filter raises

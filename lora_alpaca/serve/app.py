@@ -297,11 +297,8 @@ def serve(cfg, api_key: str | None, guard=None) -> int:
     limits = Limits(
         cfg.api_max_n, cfg.api_max_prompt_chars, cfg.max_new_tokens_limit, cfg.max_new_tokens
     )
-    served.watermark_processor = None
-    if guard is not None and guard.watermark is not None:
-        vocab = served.model.config.get_text_config().vocab_size
-        mark = guard.watermark.transformers_config()
-        served.watermark_processor = mark.construct_processor(vocab, served.device)
+    if guard is not None:
+        served.watermark_processor = guard.watermark_processor(served.model, served.device)
     app = build_app(
         served, batcher, limits, api_key, cfg.api_max_body_bytes, cfg.api_timeout_s, guard
     )

@@ -105,5 +105,6 @@ def run_rows(served, model_id: str, rows: list[Row]) -> list[str]:
             model.set_adapter(entry.adapter_name)
         ctx = contextlib.nullcontext()
     with ctx:
-        mark = getattr(served, "watermark_processor", None)
-        return run_batch(model, served.tokenizer, rows, served.eos_ids, served.device, mark)
+        return run_batch(
+            model, served.tokenizer, rows, served.eos_ids, served.device, served.watermark_processor
+        )

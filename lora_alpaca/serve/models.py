@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lora_alpaca.errors import UsageError
-from lora_alpaca.generate.engine import eos_token_ids
 from lora_alpaca.prompts import PromptTemplate, load_template
 
 BASE_ID = "base"
@@ -30,14 +29,12 @@ class ServedModels:
     entries: dict[str, ModelEntry]
     description: str
     context_len: int
+    eos_ids: list[int]  # the generator's, computed once at load (every batch uses them)
+    watermark_processor: object = None  # set by serve() with --watermark
 
     @property
     def has_adapters(self) -> bool:
         return any(e.adapter_name is not None for e in self.entries.values())
-
-    @property
-    def eos_ids(self) -> list[int]:
-        return eos_token_ids(self.model, self.tokenizer)
 
 
 def model_ids_for(lora_weights: list[str] | None) -> list[str]:
@@ -55,9 +52,9 @@ def model_ids_for(lora_weights: list[str] | None) -> list[str]:
     return ids
 
 
-def _context_len(model, tokenizer) -> int:
-    n = getattr(model.config, "max_position_embeddings", None)
-    tok_max = getattr(tokenizer, "model_max_length", None)
+def _context_len(gen) -> int:
+    n = gen.context_len()
+    tok_max = getattr(gen.tokenizer, "model_max_length", None)
     if not n and tok_max and tok_max < 1_000_000:
         n = tok_max
     return int(n or 2048)
@@ -118,5 +115,6 @@ def load_served(cfg) -> ServedModels:
         gen.device,
         entries,
         description,
-        _context_len(gen.model, gen.tokenizer),
+        _context_len(gen),
+        gen.eos_ids,
     )
