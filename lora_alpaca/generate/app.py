@@ -131,6 +131,14 @@ class GenerateConfig(ServeFlags):
         False, "When the filter is unreachable, let text through (default: refuse)."
     )
 
+    @property
+    def loaded_adapter(self) -> str | None:
+        """The --lora_weights folder load_generator loads: with --api the first (the others
+        are added beside it, serve.models), otherwise the last one given."""
+        if not self.lora_weights:
+            return None
+        return self.lora_weights[0] if self.api else self.lora_weights[-1]
+
 
 def check_flags(cfg: GenerateConfig) -> DecodingSettings:
     """Everything that can be checked before the (slow) model load."""
@@ -161,7 +169,7 @@ def request_of(cfg: GenerateConfig):
 
     return LoadRequest(
         base_model=cfg.base_model,
-        lora_weights=cfg.lora_weights[-1] if cfg.lora_weights else None,  # last wins
+        lora_weights=cfg.loaded_adapter,
         prompt_template_name=cfg.prompt_template_name,
         quantization=cfg.quantization,
         dtype=cfg.dtype,

@@ -18,15 +18,6 @@ from lora_alpaca.safeguards.watermark import KEY_FILE_NAME, default_key_file, re
 API_KEY_ENV = ("MODERATION_API_KEY", "OPENAI_API_KEY")  # env only: flags show up in `ps`
 
 
-def first_adapter(cfg) -> str | None:
-    """The adapter folder the key lives in by default: with --api the first one served,
-    otherwise the one loaded (a repeated --lora_weights: the last)."""
-    lw = cfg.lora_weights
-    if not isinstance(lw, list | tuple):
-        return lw
-    return (lw[0] if getattr(cfg, "api", False) else lw[-1]) if lw else None
-
-
 def _watermark_settings(cfg, key_file: Path, create: bool):
     return resolve_settings(
         cfg.watermark_key,
@@ -69,7 +60,7 @@ def build_safeguards(cfg) -> Safeguards | None:
             print("[watermark] note: greedy answers carry a watermark too, but sampled ones "
                   "(--mode sample) carry a stronger one", file=sys.stderr)  # fmt: skip
         key_file = Path(
-            cfg.watermark_key_file or default_key_file(cfg.output_file, first_adapter(cfg))
+            cfg.watermark_key_file or default_key_file(cfg.output_file, cfg.loaded_adapter)
         )
         mark, where = _watermark_settings(cfg, key_file, create=True)
         print(f"[watermark] on: key from {where}, greenlist_ratio {mark.greenlist_ratio}, "
@@ -94,8 +85,8 @@ def detect_key_file(cfg) -> Path:
     if cfg.watermark_key_file:
         return Path(cfg.watermark_key_file)
     places = [Path(cfg.detect_watermark).resolve().parent]
-    if first_adapter(cfg):
-        places.append(Path(first_adapter(cfg)))
+    if cfg.loaded_adapter:  # the key lives in the adapter folder loaded by default
+        places.append(Path(cfg.loaded_adapter))
     places.append(Path.cwd())
     found = next((p / KEY_FILE_NAME for p in places if (p / KEY_FILE_NAME).is_file()), None)
     return found or places[0] / KEY_FILE_NAME

@@ -62,7 +62,8 @@ def _context_len(gen) -> int:
 
 def load_served(cfg) -> ServedModels:
     """Load the base (+ first adapter) the way generate.py always does, then the others."""
-    from lora_alpaca.generate.loading import LoadRequest, load_generator
+    from lora_alpaca.generate.app import request_of
+    from lora_alpaca.generate.loading import load_generator
     from lora_alpaca.runfolder import (
         check_adapter_files,
         check_base_fingerprint,
@@ -72,17 +73,7 @@ def load_served(cfg) -> ServedModels:
 
     paths = list(cfg.lora_weights or [])
     ids = model_ids_for(paths)
-    loaded = load_generator(
-        LoadRequest(
-            base_model=cfg.base_model,
-            lora_weights=paths[0] if paths else None,
-            prompt_template_name=cfg.prompt_template_name,
-            quantization=cfg.quantization,
-            dtype=cfg.dtype,
-            trust_remote_code=cfg.trust_remote_code,
-            allow_pickle_adapter=cfg.allow_pickle_adapter,
-        )
-    )
+    loaded = load_generator(request_of(cfg))  # with --api: the first adapter (paths[0])
     gen = loaded.generator
     entries = {BASE_ID: ModelEntry(BASE_ID, None, gen.template)}
     if paths:
