@@ -165,6 +165,18 @@ class ChatRenderer:
         # As apply_chat_template(tokenize=True): the template writes the special tokens.
         return self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
 
+    def prompt_text(self, messages: list[dict]) -> str:
+        """The conversation up to the assistant's turn, as text for a tokenizer call that adds
+        its own special ids (the sampler, the batch CLI and the API server all encode that
+        way): a BOS the template writes as text is dropped, so the model never sees two."""
+        from lora_alpaca.data.tokenize import bos_prefix
+
+        text = self.render(messages, add_generation_prompt=True)
+        bos = self.tokenizer.bos_token
+        if bos and text.startswith(bos) and bos_prefix(self.tokenizer):
+            text = text[len(bos) :]
+        return text
+
     def prompt_ids(self, messages: list[dict]) -> list[int]:
         return self._ids([self.render(messages, add_generation_prompt=True)])[0]
 

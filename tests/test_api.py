@@ -180,6 +180,32 @@ def test_request_stop_string(client):
     assert r.choices[0].message.content == full[: full.index(stop)]
 
 
+def test_multi_turn_chat_renders_through_the_adapters_training_renderer(
+    client, adapters, tiny_model
+):
+    """Chat requests go through the one renderer (lora_alpaca.chat_template): an Alpaca-trained
+    adapter answers a multi-turn conversation in the multi-turn form of its template, and a
+    single turn is exactly its Alpaca prompt (the same prompt the sampler and CLI build)."""
+    from transformers import AutoTokenizer
+
+    from lora_alpaca.chat_template import renderer_from_manifest
+    from lora_alpaca.prompts import load_template
+    from lora_alpaca.runfolder import read_manifest
+
+    turns = [
+        {"role": "user", "content": "a"},
+        {"role": "assistant", "content": "b"},
+        {"role": "user", "content": "c"},
+    ]
+    r = client.chat.completions.create(model="alpha", messages=turns, max_tokens=4, temperature=0)
+    assert r.choices[0].finish_reason in ("stop", "length")
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    renderer = renderer_from_manifest(read_manifest(adapters["alpha"]), tok)
+    single = renderer.prompt_text([{"role": "user", "content": Q}])
+    assert tok(single)["input_ids"] == tok(load_template("alpaca").build_prompt(Q))["input_ids"]
+    assert r.usage.prompt_tokens == len(tok(renderer.prompt_text(turns))["input_ids"])
+
+
 @pytest.mark.parametrize(
     "extra, param",
     [
@@ -192,9 +218,9 @@ def test_request_stop_string(client):
         ({"presence_penalty": 9}, "presence_penalty"),
         (
             {
+                # two user turns in a row: the adapter's (alpaca) template cannot render them
                 "messages": [
                     {"role": "user", "content": "a"},
-                    {"role": "assistant", "content": "b"},
                     {"role": "user", "content": "c"},
                 ]
             },

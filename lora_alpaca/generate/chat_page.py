@@ -14,7 +14,6 @@ from collections.abc import Iterator
 import gradio as gr
 
 from lora_alpaca.chat_template import ChatRenderer, TemplateRenderError
-from lora_alpaca.data.tokenize import bos_prefix
 from lora_alpaca.generate.engine import DecodingSettings, TextGenerator
 from lora_alpaca.generate.ui import ServerLimits, build_demo, decoding_controls, make_settings
 
@@ -49,16 +48,11 @@ def message_text(content) -> str:
 
 
 def chat_prompt(renderer: ChatRenderer, system: str, history: list[dict], user: str) -> str:
-    """The rendered conversation, ready for the generator (which adds the tokenizer's own
-    BOS: a BOS the template writes as text is dropped so the model never sees two)."""
+    """The rendered conversation, ready for the generator (`ChatRenderer.prompt_text`)."""
     messages = ([{"role": "system", "content": system}] if system.strip() else []) + [
         {"role": m["role"], "content": message_text(m["content"])} for m in history
     ]
-    text = renderer.render(messages + [{"role": "user", "content": user}])
-    bos = renderer.tokenizer.bos_token
-    if bos and bos_prefix(renderer.tokenizer) and text.startswith(bos):
-        text = text[len(bos) :]
-    return text
+    return renderer.prompt_text(messages + [{"role": "user", "content": user}])
 
 
 def chat_respond(

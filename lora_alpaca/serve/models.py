@@ -19,6 +19,7 @@ class ModelEntry:
     model_id: str
     adapter_name: str | None  # peft adapter name; None = base (adapter off) or merged model
     template: PromptTemplate
+    renderer: object  # lora_alpaca.chat_template.ChatRenderer: chat requests render through it
 
 
 @dataclass
@@ -62,7 +63,8 @@ def _context_len(gen) -> int:
 
 def load_served(cfg) -> ServedModels:
     """Load the base (+ first adapter) the way generate.py always does, then the others."""
-    from lora_alpaca.generate.app import request_of
+    from lora_alpaca.chat_template import renderer_from_manifest
+    from lora_alpaca.generate.app import chat_renderer_for, request_of
     from lora_alpaca.generate.loading import load_generator
     from lora_alpaca.runfolder import (
         check_adapter_files,
@@ -75,10 +77,14 @@ def load_served(cfg) -> ServedModels:
     ids = model_ids_for(paths)
     loaded = load_generator(request_of(cfg))  # with --api: the first adapter (paths[0])
     gen = loaded.generator
-    entries = {BASE_ID: ModelEntry(BASE_ID, None, gen.template)}
+    # The sampler's rule (generate.app.chat_renderer_for): the loaded adapter's training
+    # renderer, which `base` (adapter off) shares as the page's side-by-side does; without an
+    # adapter the tokenizer's own chat template, else the alpaca form of the prompt template.
+    first_renderer = chat_renderer_for(loaded)[0]
+    entries = {BASE_ID: ModelEntry(BASE_ID, None, gen.template, first_renderer)}
     if paths:
         # load_generator named the first adapter "default"; keep peft's name for it.
-        entries[ids[0]] = ModelEntry(ids[0], "default", gen.template)
+        entries[ids[0]] = ModelEntry(ids[0], "default", gen.template, first_renderer)
         base_config = gen.model.get_base_model().config
         for n, (path, model_id) in enumerate(zip(paths[1:], ids[1:], strict=True), 1):
             manifest = read_manifest(path)
@@ -96,7 +102,8 @@ def load_served(cfg) -> ServedModels:
                 if cfg.prompt_template_name
                 else template_from_manifest(manifest)
             )
-            entries[model_id] = ModelEntry(model_id, name, template)
+            renderer = renderer_from_manifest(manifest, gen.tokenizer)
+            entries[model_id] = ModelEntry(model_id, name, template, renderer)
     description = loaded.description + (
         f" (+{len(paths) - 1} more adapters)" if len(paths) > 1 else ""
     )
