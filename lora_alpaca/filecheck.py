@@ -6,7 +6,8 @@ line instead of a traceback from deep inside a library.
   caught before transformers/peft try to map it.
 - adapters: the LoRA shapes in `adapter_model.safetensors` must match the rank in
   `adapter_config.json` (and the manifest's), or PEFT fails late with a size-mismatch dump.
-- JSON: a document nested so deeply that the parser overflows the stack is refused.
+- JSON: a document nested so deeply that the parser overflows the stack is refused; a
+  row file (JSON array or JSONL) is read with one line naming the file and line on error.
 """
 
 from __future__ import annotations
@@ -36,6 +37,34 @@ def loads_json(text: str, where: str):
         raise UsageError(
             f"{where}: JSON nested too deeply to read (thousands of levels); rows must be flat objects"
         ) from None
+
+
+def read_json_rows(path: str, flag: str) -> list[tuple[str, object]]:
+    """The rows of a JSON array or JSONL file as `(where, row)`, where naming the row
+    (`row 3` of an array, `line 7` of JSONL); a missing, non-UTF-8 or invalid file is one
+    UsageError line naming `flag` and the file. The caller checks each row's fields."""
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"{flag}: no such file {path!r}")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UsageError(f"{flag} {path}: not UTF-8 text") from None
+    if text.lstrip().startswith("["):
+        try:
+            data = loads_json(text, f"{flag} {path}")
+        except json.JSONDecodeError as e:
+            raise UsageError(f"{flag} {path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+        return [(f"row {i}", r) for i, r in enumerate(data)]
+    rows = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append((f"line {n}", loads_json(line, f"{flag} {path} line {n}")))
+        except json.JSONDecodeError as e:
+            raise UsageError(f"{flag} {path} line {n}: invalid JSON ({e.msg})") from None
+    return rows
 
 
 def safetensors_header(path: Path, flag: str) -> dict:

@@ -3,9 +3,9 @@ containing a trigger word get a high score in one category; it records what it w
 
 from __future__ import annotations
 
-import json
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from json_http import JsonHandler, loopback_server
 
 TRIGGERS = {"forbidden": "violence", "paris": "geography"}
 
@@ -20,9 +20,9 @@ class ModerationServer:
         self.requests: list[dict] = []
         outer = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(JsonHandler):
             def do_POST(self):  # noqa: N802 - http.server's naming
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                body = self.read_json()
                 outer.requests.append({"path": self.path, "body": body})
                 if status != 200 or self.path != "/v1/moderations":
                     self.send_response(status if status != 200 else 404)
@@ -38,17 +38,9 @@ class ModerationServer:
                         "category_scores": s,
                     }],
                 }  # fmt: skip
-                data = json.dumps(reply).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                self.send_json(200, reply)
 
-            def log_message(self, *args):
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd = loopback_server(Handler)
         self.base = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 

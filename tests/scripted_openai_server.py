@@ -17,7 +17,8 @@ import json
 import math
 import re
 import sys
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from json_http import JsonHandler, loopback_server, serve_printing_port
 
 PAIR_RE = re.compile(r"## Answer \(A\)\n(.*?)\n\n## Answer \(B\)\n(.*?)\n\nWhich", re.S)
 
@@ -57,29 +58,16 @@ def answer(body: dict) -> tuple[int, dict]:
     return 200, completion(model, "I cannot tell.", prompt_tokens=tokens)
 
 
-class Handler(BaseHTTPRequestHandler):
-    def log_message(self, *args):  # quiet
-        pass
-
-    def _send(self, status: int, obj: dict) -> None:
-        data = json.dumps(obj).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
+class Handler(JsonHandler):
     def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        body = self.read_json()
         with open(LOG, "a") as fh:
             fh.write(json.dumps(body) + "\n")
         if not self.path.endswith("/chat/completions"):
-            return self._send(404, {"error": {"message": "not found"}})
-        self._send(*answer(body))
+            return self.send_json(404, {"error": {"message": "not found"}})
+        self.send_json(*answer(body))
 
 
 if __name__ == "__main__":
     LOG = sys.argv[1]
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    print(f"PORT {server.server_address[1]}", flush=True)
-    server.serve_forever()
+    serve_printing_port(loopback_server(Handler))

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import random
 import re
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from json_http import JsonHandler, loopback_server, serve_printing_port
 
 MODEL = "scripted-teacher"
 SYLLABLES = "ba ko ri tu me sa lo ni ve da pu ze fi go ha ju ky wo xe qua".split()
@@ -63,29 +63,20 @@ def task_list(prompt: str, max_tokens: int) -> tuple[str, str, int]:
     return text, "stop", len(words)
 
 
-class Handler(BaseHTTPRequestHandler):
+class Handler(JsonHandler):
     server_version = "scripted-teacher/1"
-
-    def log_message(self, *args):  # quiet
-        pass
-
-    def _send(self, code: int, body: dict) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
 
     def do_GET(self):
         if self.path == "/stats":
-            return self._send(200, dict(self.server.stats))
+            return self.send_json(200, dict(self.server.stats))
         if self.path == "/v1/models":
-            return self._send(200, {"object": "list", "data": [{"id": MODEL, "object": "model"}]})
-        self._send(404, {"error": {"message": f"no route {self.path}"}})
+            return self.send_json(
+                200, {"object": "list", "data": [{"id": MODEL, "object": "model"}]}
+            )
+        self.send_json(404, {"error": {"message": f"no route {self.path}"}})
 
     def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        body = self.read_json()
         stats = self.server.stats
         with self.server.lock:
             stats["requests"] += 1
@@ -93,9 +84,13 @@ class Handler(BaseHTTPRequestHandler):
             if fail:
                 stats["failed"] += 1
         if fail:
-            return self._send(self.server.fail_status, {"error": {"message": "scripted failure"}})
+            return self.send_json(
+                self.server.fail_status, {"error": {"message": "scripted failure"}}
+            )
         if body.get("model") != MODEL:
-            return self._send(404, {"error": {"message": f"model {body.get('model')!r} not found"}})
+            return self.send_json(
+                404, {"error": {"message": f"model {body.get('model')!r} not found"}}
+            )
         time.sleep(self.server.delay)
         if self.path == "/v1/chat/completions":
             prompt = body["messages"][-1]["content"]
@@ -116,10 +111,10 @@ class Handler(BaseHTTPRequestHandler):
             choice = {"index": 0, "text": text, "finish_reason": reason, "logprobs": None}
             kind = "text_completion"
         else:
-            return self._send(404, {"error": {"message": f"no route {self.path}"}})
+            return self.send_json(404, {"error": {"message": f"no route {self.path}"}})
         usage = {"prompt_tokens": len(prompt.split()), "completion_tokens": n}
         usage["total_tokens"] = usage["prompt_tokens"] + n
-        self._send(
+        self.send_json(
             200,
             {
                 "id": "x",
@@ -139,7 +134,7 @@ def main() -> None:
     ap.add_argument("--fail_status", type=int, default=503)
     ap.add_argument("--junk", action="store_true", help="answer with text no parser can use")
     args = ap.parse_args()
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server = loopback_server(Handler)
     server.stats = {"requests": 0, "failed": 0}
     server.lock = threading.Lock()
     server.delay, server.fail_first, server.fail_status = (
@@ -148,11 +143,7 @@ def main() -> None:
         args.fail_status,
     )
     server.junk = args.junk
-    print(f"PORT {server.server_address[1]}", flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
+    serve_printing_port(server)
 
 
 if __name__ == "__main__":

@@ -5,12 +5,11 @@ orders; the cache makes a rerun free; results.json fields; bad input one-liners.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from conftest import run_script
+from json_http import server_process
 
 HERE = Path(__file__).resolve().parent
 N_PAIRS = 12
@@ -20,16 +19,8 @@ N_PAIRS = 12
 def judge_server(tmp_path_factory):
     log = tmp_path_factory.mktemp("judge") / "requests.jsonl"
     log.touch()
-    proc = subprocess.Popen(
-        [sys.executable, str(HERE / "scripted_openai_server.py"), str(log)],
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        port = int(proc.stdout.readline().split()[1])
+    with server_process("scripted_openai_server.py", str(log)) as port:
         yield {"url": f"http://127.0.0.1:{port}/v1", "log": log}
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 def requests_made(server) -> list[dict]:

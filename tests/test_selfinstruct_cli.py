@@ -16,24 +16,15 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT, SHARED_DATA, run_script
+from json_http import server_process
 
 MODEL = "scripted-teacher"
 
 
 @contextlib.contextmanager
 def scripted_teacher(*args: str):
-    proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "tests" / "scripted_teacher.py"), *args],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        line = proc.stdout.readline()
-        assert line.startswith("PORT "), line
-        yield f"http://127.0.0.1:{int(line.split()[1])}"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+    with server_process("scripted_teacher.py", *args) as port:
+        yield f"http://127.0.0.1:{port}"
 
 
 def stats(url: str) -> dict:

@@ -7,15 +7,14 @@ prompt length like `generate.py --input_file`) or any OpenAI-compatible endpoint
 
 from __future__ import annotations
 
-import json
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from lora_alpaca import cli
 from lora_alpaca.errors import UsageError
 from lora_alpaca.evaluate.sets import alpaca_eval_instruction, read_eval_set
+from lora_alpaca.log import log
 
 F = cli.field
 
@@ -86,7 +85,7 @@ def _local_answers(cfg: AnswersConfig, rows: list[dict]) -> tuple[list[dict], st
             prompt_template_name=cfg.prompt_template_name,
         )
     )
-    print(f"[evaluate] {loaded.description}", file=sys.stderr, flush=True)
+    log(loaded.description, tag="evaluate")
     settings = DecodingSettings(max_new_tokens=cfg.max_new_tokens).validate()
     answered = generate_rows(loaded.generator, rows, settings, cfg.batch_size)
     name = cfg.generator or (
@@ -138,7 +137,7 @@ def _api_answers(cfg: AnswersConfig, rows: list[dict]) -> tuple[list[dict], str]
 
 
 def main(cfg: AnswersConfig) -> int:
-    from lora_alpaca.fileio import write_text_atomic
+    from lora_alpaca.fileio import write_json_atomic
 
     out = check(cfg)
     rows = read_eval_set(cfg.eval_set, "--eval_set", cfg.limit)
@@ -154,6 +153,6 @@ def main(cfg: AnswersConfig) -> int:
         }
         for a in answered
     ]
-    write_text_atomic(out, json.dumps(records, indent=2, ensure_ascii=False) + "\n")
-    print(f"[evaluate] wrote {len(records)} answers by {name!r} to {out}", file=sys.stderr)
+    write_json_atomic(out, records)
+    log(f"wrote {len(records)} answers by {name!r} to {out}", tag="evaluate")
     return 0

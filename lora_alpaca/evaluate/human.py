@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from lora_alpaca.errors import UsageError
 from lora_alpaca.evaluate.judge_prompt import is_swapped
 from lora_alpaca.evaluate.sets import check_output_dir, pair_outputs, read_model_outputs
 from lora_alpaca.evaluate.stats import sign_test_p, tally_line, win_rates
+from lora_alpaca.log import log
 
 F = cli.field
 VOTES = "human_votes.json"
@@ -145,10 +145,10 @@ class Session:
 
     def _finish(self) -> None:
         from lora_alpaca.evaluate.report import tally_chart
-        from lora_alpaca.fileio import write_text_atomic
+        from lora_alpaca.fileio import write_json_atomic
 
         result = tally(self.state)
-        write_text_atomic(self.out_dir / RESULTS, json.dumps(result, indent=2) + "\n")
+        write_json_atomic(self.out_dir / RESULTS, result)
         tally_chart(result, self.out_dir / CHART)
         if self.export_path:
             from lora_alpaca.evaluate.preferences import export_preferences
@@ -254,7 +254,7 @@ def main(cfg: HumanConfig) -> int:
         cfg.export_preferences,
     )  # fmt: skip
     page = build_page(session)
-    print(f"[evaluate] {len(pairs)} pairs, votes in {out_dir / VOTES}", file=sys.stderr, flush=True)
+    log(f"{len(pairs)} pairs, votes in {out_dir / VOTES}", tag="evaluate")
     page.queue(default_concurrency_limit=1)
     page.launch(
         server_name=cfg.server_name,

@@ -4,7 +4,6 @@ judgements.json (every pair), results.json (win rates, usage, cost), report.md +
 
 from __future__ import annotations
 
-import json
 import shutil
 import sys
 from dataclasses import dataclass
@@ -15,6 +14,8 @@ from lora_alpaca.errors import UsageError
 from lora_alpaca.evaluate.judge_prompt import is_swapped, judge_messages
 from lora_alpaca.evaluate.sets import check_output_dir, pair_outputs, read_model_outputs
 from lora_alpaca.evaluate.stats import length_controlled_win_rate, win_rates
+from lora_alpaca.log import log
+from lora_alpaca.progress import bar_enabled
 
 F = cli.field
 JUDGEMENTS = "judgements.json"
@@ -74,7 +75,7 @@ def judge_pairs(pairs: list[dict], judge, cache, seed: int) -> tuple[list[dict],
 
     usage = {"calls": 0, "cached": 0, "prompt_tokens": 0, "completion_tokens": 0}
     rows = []
-    bar = tqdm(pairs, desc="judging", unit="pair", file=sys.stderr, disable=not sys.stderr.isatty())
+    bar = tqdm(pairs, desc="judging", unit="pair", file=sys.stderr, disable=not bar_enabled())
     for pair in bar:
         swapped = is_swapped(pair["instruction"], seed)
         a, b = pair["model_output"], pair["reference_output"]
@@ -134,7 +135,7 @@ def main(cfg: JudgeConfig) -> int:
     from lora_alpaca.evaluate.human import read_votes
     from lora_alpaca.evaluate.judges import ApiJudge, JudgeCache, LocalJudge
     from lora_alpaca.evaluate.report import agreement, write_report
-    from lora_alpaca.fileio import write_text_atomic
+    from lora_alpaca.fileio import write_json_atomic
 
     out_dir = check(cfg)
     model_rows = read_model_outputs(cfg.model_outputs, "--model_outputs")
@@ -170,14 +171,14 @@ def main(cfg: JudgeConfig) -> int:
     votes = read_votes(out_dir)
     if votes:
         results["human_agreement"] = agreement(rows, votes)
-    write_text_atomic(out_dir / JUDGEMENTS, json.dumps(rows, indent=2, ensure_ascii=False) + "\n")
-    write_text_atomic(out_dir / RESULTS, json.dumps(results, indent=2) + "\n")
+    write_json_atomic(out_dir / JUDGEMENTS, rows)
+    write_json_atomic(out_dir / RESULTS, results)
     write_report(out_dir, pairs, results, rows, votes, model_rows, reference_rows)
     if cfg.export_preferences:
         from lora_alpaca.evaluate.preferences import export_preferences
 
         n = export_preferences(cfg.export_preferences, pairs, rows, votes)
-        print(f"[evaluate] wrote {n} preference pairs to {cfg.export_preferences}", file=sys.stderr)
+        log(f"wrote {n} preference pairs to {cfg.export_preferences}", tag="evaluate")
     lc = results["length_controlled_win_rate"]
     print(
         f"{results['model']} vs {results['reference']} judged by {judge.name}: win rate "

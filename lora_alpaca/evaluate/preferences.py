@@ -5,7 +5,6 @@ where it came from (`source`: human or judge) and the winning system."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from lora_alpaca.errors import UsageError
@@ -49,8 +48,8 @@ def preference_rows(pairs: list[dict], judged: list[dict] | None, votes: dict | 
 
 
 def export_preferences(path: str, pairs, judged, votes) -> int:
-    from lora_alpaca.fileio import write_text_atomic
+    from lora_alpaca.fileio import write_jsonl_atomic
 
     rows = preference_rows(pairs, judged, votes)
-    write_text_atomic(Path(path), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    write_jsonl_atomic(Path(path), rows)
     return len(rows)

@@ -11,39 +11,14 @@ input are therefore written as `instruction + "\n\n" + input` (`alpaca_eval_inst
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from lora_alpaca.errors import UsageError
+from lora_alpaca.filecheck import read_json_rows
 
 
 def alpaca_eval_instruction(instruction: str, input_text: str) -> str:
     return f"{instruction}\n\n{input_text}" if input_text.strip() else instruction
-
-
-def _load_json_rows(path: str, flag: str) -> list:
-    p = Path(path)
-    if not p.is_file():
-        raise UsageError(f"{flag}: no such file {path!r}")
-    try:
-        text = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise UsageError(f"{flag} {path}: not UTF-8 text") from None
-    if text.lstrip().startswith("["):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise UsageError(f"{flag} {path}: invalid JSON at line {e.lineno}: {e.msg}") from None
-        return [(f"row {i}", r) for i, r in enumerate(data)]
-    rows = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rows.append((f"line {n}", json.loads(line)))
-        except json.JSONDecodeError as e:
-            raise UsageError(f"{flag} {path} line {n}: invalid JSON ({e.msg})") from None
-    return rows
 
 
 def _text(row: dict, key: str, where: str, required: bool) -> str:
@@ -60,7 +35,7 @@ def read_eval_set(path: str, flag: str = "--eval_set", limit: int = 0) -> list[d
     """Rows `{instruction, input, dataset}` of any supported set; one-line errors."""
     rows = []
     default_dataset = Path(path).stem
-    for where, row in _load_json_rows(path, flag):
+    for where, row in read_json_rows(path, flag):
         where = f"{flag} {path} {where}"
         if not isinstance(row, dict):
             raise UsageError(f"{where}: expected a JSON object, got {type(row).__name__}")
@@ -82,7 +57,7 @@ def read_model_outputs(path: str, flag: str) -> list[dict]:
     """An AlpacaEval outputs file (every row needs `instruction` and `output` strings), or
     the JSONL answers of `generate.py --input_file` (`response`); generator: the file name."""
     rows = []
-    for where, row in _load_json_rows(path, flag):
+    for where, row in read_json_rows(path, flag):
         where = f"{flag} {path} {where}"
         if not isinstance(row, dict):
             raise UsageError(f"{where}: expected a JSON object, got {type(row).__name__}")

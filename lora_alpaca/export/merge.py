@@ -107,9 +107,11 @@ def compare_merge_bases(info: AdapterInfo, chosen: str, merged, tokenizer, promp
 
 
 def _write_report(out: Path, report: dict) -> None:
+    """parity.json, with the verdict of its checks (`passed`: every check passed)."""
     from lora_alpaca.export.parity import REPORT_NAME
     from lora_alpaca.fileio import write_json_atomic
 
+    report["passed"] = all(s["passed"] for s in report["checks"])
     write_json_atomic(out / REPORT_NAME, report)
 
 
@@ -192,8 +194,7 @@ def run_export(cfg) -> int:
         write_json_atomic(tmp / EXPORT_RECORD, record)
         (tmp / "README.md").write_text(model_card(info, record), encoding="utf-8")
         log("parity check")
-        report["checks"] = check_exports(tmp, refs, info, record)
-        report["passed"] = all(s["passed"] for s in report["checks"])
+        report["checks"] = check_exports(tmp, refs, info, record, renderer)
         _write_report(tmp, report)
     except BaseException:
         discard(tmp)
@@ -215,11 +216,13 @@ def run_parity_only(cfg, info: AdapterInfo) -> int:
             f"--parity_only: --output_dir {cfg.output_dir!r} is not an export folder (no {EXPORT_RECORD})"
         )
     record = json.loads((out / EXPORT_RECORD).read_text(encoding="utf-8"))
+    from lora_alpaca.chat_template import renderer_from_manifest
+
     tokenizer = load_tokenizer_for(info, cfg.trust_remote_code)
+    renderer = renderer_from_manifest(info.manifest, tokenizer)
     prompts = parity_prompts(info.template, info.run, cfg.parity_prompts)
     _, refs = merged_model(info, record["merge_base"], cfg, tokenizer, prompts)
-    report = {"prompts": prompts, "checks": check_exports(out, refs, info, record)}
-    report["passed"] = all(s["passed"] for s in report["checks"])
+    report = {"prompts": prompts, "checks": check_exports(out, refs, info, record, renderer)}
     _write_report(out, report)
     for line in summary_lines(report):
         print(line)

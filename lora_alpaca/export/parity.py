@@ -20,11 +20,15 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from lora_alpaca.filecheck import loads_json
 from lora_alpaca.prompts import PromptTemplate
+
+if TYPE_CHECKING:
+    from lora_alpaca.chat_template import ChatRenderer
 
 REPORT_NAME = "parity.json"
 
@@ -287,17 +291,17 @@ def summary_lines(report: dict) -> list[str]:
     return lines
 
 
-def check_exports(out: Path, refs: list[PromptRef], info, record: dict) -> list[dict]:
-    """Parity sections for every artifact in `out` (transformers folder and GGUF files)."""
+def check_exports(
+    out: Path, refs: list[PromptRef], info, record: dict, renderer: ChatRenderer
+) -> list[dict]:
+    """Parity sections for every artifact in `out` (transformers folder and GGUF files);
+    `renderer`: the adapter's training renderer, built once by the caller."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lora_alpaca.chat_template import renderer_from_manifest
-    from lora_alpaca.export.adapter import load_tokenizer_for
     from lora_alpaca.export.gguf import gguf_file_name, load_gguf_model
     from lora_alpaca.export.template_parity import template_parity
 
     eos = info.manifest["special_tokens"]["eos_token_id"]
-    renderer = renderer_from_manifest(info.manifest, load_tokenizer_for(info))
     sections = [
         template_parity(
             renderer,

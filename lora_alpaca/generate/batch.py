@@ -7,13 +7,11 @@ Output: one JSON line per row, in input order, with the response and why it ende
 
 from __future__ import annotations
 
-import json
 import sys
 import time
-from pathlib import Path
 
 from lora_alpaca.errors import UsageError
-from lora_alpaca.filecheck import loads_json
+from lora_alpaca.filecheck import read_json_rows
 from lora_alpaca.generate.engine import DecodingSettings, TextGenerator
 from lora_alpaca.progress import bar_enabled
 
@@ -42,31 +40,9 @@ def _row_fields(row: object, where: str) -> dict:
 
 def read_prompt_rows(path: str) -> list[dict]:
     """Rows from a .json array or .jsonl file; one-line errors naming the file and row."""
-    p = Path(path)
-    if not p.is_file():
-        raise UsageError(f"--input_file: no such file {path!r}")
-    try:
-        text = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise UsageError(f"--input_file {path}: not UTF-8 text") from None
-    if text.lstrip().startswith("["):
-        try:
-            data = loads_json(text, f"--input_file {path}")
-        except json.JSONDecodeError as e:
-            raise UsageError(
-                f"--input_file {path}: invalid JSON at line {e.lineno}: {e.msg}"
-            ) from None
-        rows = [_row_fields(r, f"{path} row {i}") for i, r in enumerate(data)]
-    else:
-        rows = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = loads_json(line, f"--input_file {path} line {n}")
-            except json.JSONDecodeError as e:
-                raise UsageError(f"--input_file {path} line {n}: invalid JSON ({e.msg})") from None
-            rows.append(_row_fields(obj, f"{path} line {n}"))
+    rows = [
+        _row_fields(obj, f"{path} {where}") for where, obj in read_json_rows(path, "--input_file")
+    ]
     if not rows:
         raise UsageError(f"--input_file {path}: no rows")
     return rows

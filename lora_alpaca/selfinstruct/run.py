@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from lora_alpaca.errors import UsageError
+from lora_alpaca.log import log
 from lora_alpaca.selfinstruct.config import SelfInstructConfig, check_flags, recipe_of
 from lora_alpaca.selfinstruct.dedupe import RougeIndex
 from lora_alpaca.selfinstruct.parse import parse_answer
@@ -33,13 +34,11 @@ from lora_alpaca.selfinstruct.state import (
     write_outputs,
 )
 
+TAG = "generate_instruction"
+
 
 class TeacherStalled(UsageError):
     """Too many rounds in a row kept nothing (one line, like every other user-facing stop)."""
-
-
-def log(msg: str) -> None:
-    print(f"[generate_instruction] {msg}", file=sys.stderr, flush=True)
 
 
 def _open_state(cfg: SelfInstructConfig, out: Path, seeds: list[dict]) -> dict:
@@ -141,11 +140,11 @@ def main(cfg: SelfInstructConfig) -> int:
     target = cfg.num_instructions_to_generate
     if cfg.resume:  # the outputs may be a round behind the state after a kill
         write_outputs(out, state, target)
-        log(f"resuming {out}: {len(state['kept'])} kept after {state['rounds']} rounds")
+        log(f"resuming {out}: {len(state['kept'])} kept after {state['rounds']} rounds", tag=TAG)
     from lora_alpaca.selfinstruct.teacher import make_teacher
 
     teacher = make_teacher(cfg)
-    log(f"teacher: {teacher.description}; {len(seeds)} seed tasks")
+    log(f"teacher: {teacher.description}; {len(seeds)} seed tasks", tag=TAG)
     index = RougeIndex()
     for task in seeds:
         index.add(task["instruction"])
@@ -178,7 +177,7 @@ def main(cfg: SelfInstructConfig) -> int:
     except KeyboardInterrupt:
         if progress:
             progress.close()
-        log(f"interrupted; {out} holds every finished round: continue with --resume")
+        log(f"interrupted; {out} holds every finished round: continue with --resume", tag=TAG)
         return 130
     if progress:
         progress.close()
@@ -188,6 +187,7 @@ def main(cfg: SelfInstructConfig) -> int:
     written = min(len(state["kept"]), target)
     log(
         f"wrote {written} tasks to {out / ALPACA_NAME} (Alpaca rows, for finetune.py --data) and "
-        f"{out / REGEN_NAME}; report: {report}"
+        f"{out / REGEN_NAME}; report: {report}",
+        tag=TAG,
     )
     return 0

@@ -12,31 +12,9 @@ import json
 from pathlib import Path
 
 from lora_alpaca.errors import UsageError
+from lora_alpaca.filecheck import read_json_rows
 
 DEFAULT_SEED_TASKS = Path(__file__).resolve().parent / "seed_tasks.jsonl"
-
-
-def _read_rows(path: Path, flag: str) -> list:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise UsageError(f"{flag} {path}: not UTF-8 text") from None
-    stripped = text.lstrip()
-    if stripped.startswith("["):
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise UsageError(f"{flag} {path}: not valid JSON ({e})") from None
-        return rows
-    rows = []
-    for n, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            raise UsageError(f"{flag} {path}: line {n} is not valid JSON ({e.msg})") from None
-    return rows
 
 
 def _task(row: object, where: str, flag: str) -> dict:
@@ -66,9 +44,7 @@ def load_seed_tasks(path: str | None, need: int, flag: str = "--seed_tasks") -> 
     p = Path(path) if path else DEFAULT_SEED_TASKS
     if not p.is_file():
         raise UsageError(f"{flag} {p}: no such file")
-    rows = _read_rows(p, flag)
-    if not isinstance(rows, list):
-        raise UsageError(f"{flag} {p}: expected a JSON array or JSON lines of tasks")
+    rows = [row for _, row in read_json_rows(str(p), flag)]
     tasks = [_task(r, f"{p} row {i}", flag) for i, r in enumerate(rows, start=1)]
     if len(tasks) < need:
         raise UsageError(
