@@ -151,6 +151,13 @@ def test_answers_from_an_endpoint(judge_server, tmp_path):
     r = run_script("evaluate.py", "answers", "--eval_set", src, "--api_base", judge_server["url"],
                    "--api_model", "cand-model", "--output_file", out)  # fmt: skip
     assert r.returncode == 2 and "--overwrite" in r.stderr
+    # ... and the eval set itself is never the output, even with --overwrite (the endpoint is
+    # live, so only this check stands between the user's prompts and the answers).
+    before = src.read_bytes()
+    r = run_script("evaluate.py", "answers", "--eval_set", src, "--api_base", judge_server["url"],
+                   "--api_model", "cand-model", "--output_file", src, "--overwrite")  # fmt: skip
+    assert r.returncode == 2 and "same file as --eval_set" in r.stderr, r.stderr
+    assert src.read_bytes() == before
 
 
 def _bad(tmp_path, *args):

@@ -14,6 +14,7 @@ from pathlib import Path
 from lora_alpaca import cli
 from lora_alpaca.errors import UsageError
 from lora_alpaca.evaluate.sets import alpaca_eval_instruction, read_eval_set
+from lora_alpaca.fileio import check_output_file
 from lora_alpaca.log import log
 
 F = cli.field
@@ -54,13 +55,15 @@ def check(cfg: AnswersConfig) -> Path:
         raise UsageError("--eval_set is required (a JSON/JSONL file of prompts)")
     if not cfg.output_file:
         raise UsageError("--output_file is required (e.g. model_outputs.json)")
-    out = Path(cfg.output_file)
-    if out.is_dir():
-        raise UsageError(f"--output_file {out}: is a folder; give a file name")
-    if not out.parent.resolve().is_dir():
-        raise UsageError(f"--output_file {out}: folder {str(out.parent)!r} does not exist")
-    if out.exists() and not cfg.overwrite:
-        raise UsageError(f"--output_file {out}: exists; pass --overwrite to replace it")
+    # The shared output-file rule: never the --eval_set itself (even with --overwrite), no
+    # symlink or device replaced, an existing file only with --overwrite, a writable folder.
+    out = check_output_file(
+        "--output_file",
+        cfg.output_file,
+        inputs={"--eval_set": cfg.eval_set},
+        overwrite=cfg.overwrite,
+        overwrite_flag="--overwrite",
+    )
     if cfg.api_base and (cfg.lora_weights or cfg.base_model):
         raise UsageError("--api_base and a local model (--base_model/--lora_weights): give one")
     if cfg.api_base and not cfg.api_model:
