@@ -42,6 +42,9 @@ class PreparedData:
     # Writes the tokenized cache when prepare_data was asked to defer it (no-op otherwise):
     # the caller runs it once every other check has passed, so an exit-2 writes nothing.
     save_cache: Any = lambda: None
+    # The ChatRenderer conversation rows are (or would be) encoded with; None for
+    # --data_format alpaca. Built once here and reused by training for its manifest.
+    renderer: Any = None
 
 
 def split_indices(groups: list[int], val_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -332,7 +335,12 @@ def prepare_data(
             "--add_eos_token true, or pass --allow_unsupervised to drop them"
         )
     return PreparedData(
-        train=train, val=val, audit=audit, fingerprint=fingerprint, save_cache=pending
+        train=train,
+        val=val,
+        audit=audit,
+        fingerprint=fingerprint,
+        save_cache=pending,
+        renderer=renderer,
     )
 
 

@@ -90,6 +90,8 @@ def val_sample(cfg: FinetuneConfig, prepared, k: int = 16) -> list[dict]:
     never trained on). Best effort: an unreadable source just gives no sample."""
     if prepared.val is None or "row" not in prepared.val.column_names:
         return []
+    if prepared.audit.conversation:  # no instruction/input rows: not worth re-reading the data
+        return []
     try:
         from lora_alpaca.data.sources import read_sources
 
@@ -154,12 +156,12 @@ def run_training(cfg: FinetuneConfig) -> int:
     if cfg.audit_only:
         return 0
     from lora_alpaca.chat_template import build_renderer
-    from lora_alpaca.data.pipeline import conversation_renderer
 
     # The template of training is the template of every artifact: conversation rows keep
-    # their chat template, Alpaca rows get the multi-turn alpaca form of their prompt.
+    # their chat template (the renderer prepare_data encoded them with), Alpaca rows get
+    # the multi-turn alpaca form of their prompt.
     renderer = (
-        conversation_renderer(opts, tokenizer, template)
+        prepared.renderer
         if prepared.audit.conversation
         else build_renderer(tokenizer, "alpaca", template)
     )
