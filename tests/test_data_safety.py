@@ -148,6 +148,10 @@ CASES = [
          ("--output_file", "at most 255 bytes")),
     Case("exp-name-too-long-output", "export",
          lambda w: exp(w, "--output_dir", w.work / LONG), ("--output_dir", "at most 255 bytes")),
+    # `~..` names no user: pathlib's expanduser raises RuntimeError; the path stays as typed.
+    Case("ft-data-tilde-no-user", "finetune", lambda w: ft(w, "--data", "~.."), ("--data ~..", "no such file")),
+    Case("ft-resume-tilde-no-user", "finetune",
+         lambda w: ft(w, "--resume_from_checkpoint", "~../ck"), ("--resume_from_checkpoint ~../ck",)),
     Case("ft-seed-negative", "finetune", lambda w: ft(w, "--seed", "-1"), ("--seed -1", "0 .. 4294967295")),
     Case("ft-seed-too-big", "finetune", lambda w: ft(w, "--seed", str(2**32)), ("--seed 4294967296",)),
     Case("gen-seed-too-big", "generate", lambda w: gen(w, "--seed", str(2**40)), ("--seed",)),
