@@ -35,10 +35,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from functools import lru_cache
-from pathlib import Path
 
 from lora_alpaca.constants import IGNORE_INDEX
 from lora_alpaca.errors import UsageError
+from lora_alpaca.fileio import expand_user
 from lora_alpaca.prompts import PromptTemplate
 
 ROLES = ("system", "user", "assistant")
@@ -272,7 +272,7 @@ def build_renderer(tokenizer, spec: str, template: PromptTemplate) -> ChatRender
             )
         return ChatRenderer(tokenizer, source, "base")
     if spec.endswith(".jinja"):
-        path = Path(spec).expanduser()
+        path = expand_user(spec)
         if not path.is_file():
             raise UsageError(f"--chat_template: no such template file {spec!r}")
         try:

@@ -18,7 +18,7 @@ import zipfile
 from pathlib import Path
 
 from lora_alpaca.errors import UsageError
-from lora_alpaca.fileio import discard, rename_into_place, temp_dir_beside
+from lora_alpaca.fileio import discard, expand_user, rename_into_place, temp_dir_beside
 from lora_alpaca.log import log
 
 DEFAULT_BASE_MODEL = "SmolLM2-135M-Instruct"
@@ -30,9 +30,9 @@ CACHE_ENV = "LORA_ALPACA_CACHE"
 def cache_dir() -> Path:
     """`$LORA_ALPACA_CACHE`, else `$XDG_CACHE_HOME/lora_alpaca`, else ~/.cache/lora_alpaca."""
     if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV]).expanduser().resolve()
+        return expand_user(os.environ[CACHE_ENV]).resolve()
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base).expanduser().resolve() / "lora_alpaca"
+    return expand_user(base).resolve() / "lora_alpaca"
 
 
 def convert_gguf(gguf_file: Path, out_dir: Path) -> Path:

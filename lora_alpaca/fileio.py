@@ -210,13 +210,9 @@ def check_output_file(
                 f"{flag} {path}: exists; choose a new file name or pass {overwrite_flag}"
             )
     if not p.parent.absolute().is_dir():
-        if (
-            os.path.lexists(_existing_ancestor(p.parent.absolute()))
-            and not _existing_ancestor(p.parent.absolute()).is_dir()
-        ):
-            raise UsageError(
-                f"{flag} {path}: {_existing_ancestor(p.parent.absolute())} is a file, not a folder"
-            )
+        base = _existing_ancestor(p.parent.absolute())  # exists: the walk stops at "/"
+        if not base.is_dir():
+            raise UsageError(f"{flag} {path}: {base} is a file, not a folder")
         raise UsageError(f"{flag} {path}: folder {str(p.parent)!r} does not exist")
     check_writable_dir(flag, p.parent)
     return p

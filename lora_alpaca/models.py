@@ -22,6 +22,7 @@ from lora_alpaca.default_model import (
 )
 from lora_alpaca.errors import UsageError
 from lora_alpaca.filecheck import check_model_folder, shorten
+from lora_alpaca.fileio import expand_user
 
 HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # Keys that change with how a model was saved, not with what the model is.
@@ -54,7 +55,7 @@ def resolve_base_model(spec: str | None) -> BaseModelRef:
     """None -> embedded default; a folder; a `.gguf` file (converted once); or a hub id."""
     if not spec:
         return BaseModelRef(DEFAULT_BASE_MODEL, str(default_model_path()))
-    path = Path(spec).expanduser()
+    path = expand_user(spec)
     if spec.endswith(".gguf"):
         if not path.is_file():
             raise UsageError(f"--base_model: no such GGUF file {spec!r}")

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from lora_alpaca.errors import UsageError
-from lora_alpaca.fileio import inside
+from lora_alpaca.fileio import expand_user, inside
 
 LOCK_NAME = ".lora_alpaca.lock"
 
@@ -143,7 +143,7 @@ def overwrite_problem(output_dir: Path, protected: dict[str, str | None]) -> str
             f"{flag}: it is (or holds) your home folder, the current folder or the file system root"
         )
     for name, value in protected.items():
-        if value and Path(value).expanduser().exists() and inside(Path(value).expanduser(), d):
+        if value and expand_user(value).exists() and inside(expand_user(value), d):
             return f"{flag}: it holds {name} {value}"
     entries = list(d.iterdir())
     ours = {

@@ -333,8 +333,10 @@ def check_one_line(code, err: str, needles, where) -> str:
     return line
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_corpus_case_one_line_exit_2_nothing_written(case, shared, tmp_path, capsys, monkeypatch):
+def run_case(case: Case, shared: dict, tmp_path: Path, capsys, monkeypatch) -> World:
+    """Run one corpus case in-process (the harness test_data_safety.py reuses): one
+    `error:` line with the needles, exit 2, and nothing written (inputs untouched, no
+    output, no temp folder, no cache unless `case.cache_ok`). Returns its World."""
     work = tmp_path / "work"
     work.mkdir()
     cache = tmp_path / "cache"
@@ -354,6 +356,12 @@ def test_corpus_case_one_line_exit_2_nothing_written(case, shared, tmp_path, cap
     assert snapshot(*watched) == before, case.id
     if case.cache_ok:
         assert {p.name for p in cache.iterdir()} <= {"datasets"}, case.id
+    return w
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_corpus_case_one_line_exit_2_nothing_written(case, shared, tmp_path, capsys, monkeypatch):
+    w = run_case(case, shared, tmp_path, capsys, monkeypatch)
     assert not w.out.exists() or w.out.is_file()  # exp-output-is-a-file writes `out` itself
 
 

@@ -21,9 +21,9 @@ from typing import Any
 import numpy as np
 
 from lora_alpaca.chat_template import IGNORE_INDEX, ChatRenderer, TemplateRenderError
-from lora_alpaca.data.audit import Audit, learned_segments, measure
+from lora_alpaca.data.audit import Audit, learned_segments
 from lora_alpaca.data.sources import SourceFile
-from lora_alpaca.data.validation import Problems
+from lora_alpaca.data.validation import Problems, RowPolicy
 from lora_alpaca.errors import UsageError
 
 FORMATS = ("alpaca", "sharegpt", "messages")
@@ -181,7 +181,7 @@ def _role_tokens(renderer: ChatRenderer, msgs, ids, labels, stats: dict) -> None
 
 def build_conversations(opts, renderer: ChatRenderer, fmt: str, source_name: str, sources):
     """Validate + encode + split + audit conversation rows -> (tables, audit)."""
-    from lora_alpaca.data.pipeline import effective_val_size, split_indices
+    from lora_alpaca.data.pipeline import keep_and_split
 
     rows_read = sum(len(s.records) for s in sources)
     if rows_read == 0:
@@ -191,7 +191,7 @@ def build_conversations(opts, renderer: ChatRenderer, fmt: str, source_name: str
     prefix = len(sources) > 1
     convs, index, positions = [], [], []
     skipped = {"empty output": 0, "duplicate": 0, "over --cutoff_len": 0}
-    first_seen: dict[str, str] = {}
+    policy = RowPolicy(opts, problems, skipped)
     g = -1
     for s in sources:
         for i, rec in enumerate(s.records):
@@ -204,33 +204,18 @@ def build_conversations(opts, renderer: ChatRenderer, fmt: str, source_name: str
                 continue
             empty = next((t for t, m in enumerate(msgs, 1) if not m["content"].strip()), None)
             if empty:
-                if opts.empty_outputs == "skip":
-                    skipped["empty output"] += 1
-                else:
-                    problems.add(
-                        f"{pos} turn {empty}",
-                        "empty output",
-                        "empty assistant content",
-                        "--empty_outputs skip drops conversations with an empty assistant turn",
-                    )
+                policy.empty_output(
+                    f"{pos} turn {empty}",
+                    "empty assistant content",
+                    "--empty_outputs skip drops conversations with an empty assistant turn",
+                )
                 continue
             why = _render_problem(renderer, msgs)
             if why:
                 problems.add(f"{pos} turn {why[0]}", "cannot render", why[1])
                 continue
-            key = json.dumps(msgs, ensure_ascii=False)
-            if key in first_seen:
-                if opts.duplicates == "skip":
-                    skipped["duplicate"] += 1
-                    continue
-                problems.add(
-                    pos,
-                    "duplicate",
-                    f"exact duplicate of {first_seen[key]}",
-                    "--duplicates skip keeps the first copy of each duplicate",
-                )
+            if policy.is_duplicate(json.dumps(msgs, ensure_ascii=False), pos):
                 continue
-            first_seen[key] = pos
             convs.append(msgs)
             index.append(g)
             positions.append(pos)
@@ -293,25 +278,17 @@ def build_conversations(opts, renderer: ChatRenderer, fmt: str, source_name: str
     supervised = np.array(
         [sum(1 for v in lab if v != IGNORE_INDEX) for lab in labels_out], dtype=np.int64
     )
-    if opts.allow_unsupervised:
-        zero = supervised == 0
-        skipped["zero learned tokens"] = int(zero.sum())
-    else:
-        zero = np.zeros(len(kept), bool)
-    keep = np.flatnonzero(~zero)
-    audit.skipped = {k: v for k, v in skipped.items() if v}
-    audit.rows_kept = len(keep)
-    if not len(keep):
-        why = ", ".join(f"{n} {k}" for k, n in audit.skipped.items())
-        raise UsageError(f"{source_name}: no conversations left to train on (all skipped: {why})")
-    kpos = [positions[kept[j]] for j in keep]
-    measure(
+    keep, train_idx, val_idx = keep_and_split(
         audit,
-        np.asarray(full_len)[keep],
-        lengths[keep],
-        supervised[keep],
-        np.asarray(trunc)[keep],
-        kpos,
+        opts,
+        skipped,
+        np.arange(len(kept)),
+        full_lengths=np.asarray(full_len),
+        lengths=lengths,
+        supervised=supervised,
+        truncated=np.asarray(trunc),
+        positions=[positions[k] for k in kept],
+        noun="conversations",
     )
     turns_arr = np.asarray(turns_n)[keep]
     audit.conversation = {
@@ -327,13 +304,6 @@ def build_conversations(opts, renderer: ChatRenderer, fmt: str, source_name: str
             role: [tok, learned] for role, (tok, learned) in sorted(role_stats.items())
         },
     }
-    val_size, note = effective_val_size(opts.val_set_size, len(keep))
-    if note:
-        audit.notes.append(note)
-    train_idx, val_idx = split_indices(list(range(len(keep))), val_size, opts.seed)
-    train_idx.sort()
-    val_idx.sort()
-    audit.train_rows, audit.val_rows = len(train_idx), len(val_idx)
     tables = {}
     for name, sel in (("train", train_idx), ("val", val_idx)):
         rows = [keep[j] for j in sel]

@@ -42,6 +42,9 @@ class PreparedData:
     # Writes the tokenized cache when prepare_data was asked to defer it (no-op otherwise):
     # the caller runs it once every other check has passed, so an exit-2 writes nothing.
     save_cache: Any = lambda: None
+    # The ChatRenderer conversation rows are (or would be) encoded with; None for
+    # --data_format alpaca. Built once here and reused by training for its manifest.
+    renderer: Any = None
 
 
 def split_indices(groups: list[int], val_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -128,35 +131,22 @@ def _build(
         rows_read=rows.rows_read,
         seed=opts.seed,
     )
-    keep = np.flatnonzero(batch.kept)
+    fits = np.flatnonzero(batch.kept)
     skipped = dict(rows.skipped)
-    skipped["over --cutoff_len"] = int(len(batch.kept) - len(keep))
-    if opts.allow_unsupervised:
-        learned = batch.supervised[keep]
-        skipped["zero learned tokens"] = int((learned == 0).sum())
-        keep = keep[learned > 0]
-    audit.skipped = {k: v for k, v in skipped.items() if v}
-    audit.rows_kept = len(keep)
-    if not len(keep):
-        why = ", ".join(f"{n} {k}" for k, n in audit.skipped.items())
-        raise UsageError(f"{source_name}: no rows left to train on (all skipped: {why})")
-    positions = [rows.positions[i] for i in keep]
-    measure(
+    skipped["over --cutoff_len"] = len(batch.ids) - len(fits)
+    keep, train_idx, val_idx = keep_and_split(
         audit,
-        batch.full_lengths[keep],
-        batch.lengths[keep],
-        batch.supervised[keep],
-        batch.truncated[keep],
-        positions,
+        opts,
+        skipped,
+        fits,
+        full_lengths=batch.full_lengths,
+        lengths=batch.lengths,
+        supervised=batch.supervised,
+        truncated=batch.truncated,
+        positions=rows.positions,
+        noun="rows",
     )
-    val_size, note = effective_val_size(opts.val_set_size, len(keep))
-    if note:
-        audit.notes.append(note)
-    # Duplicates were removed above (or refused), so every row is its own group.
-    train_idx, val_idx = split_indices(list(range(len(keep))), val_size, opts.seed)
-    train_idx.sort()
-    val_idx.sort()
-    audit.train_rows, audit.val_rows = len(train_idx), len(val_idx)
+    positions = [rows.positions[i] for i in keep]
     index = np.asarray(rows.index)[keep]
     tables = {}
     for name, sel in (("train", train_idx), ("val", val_idx)):
@@ -172,6 +162,55 @@ def _build(
             }
         )
     return tables, audit
+
+
+def keep_and_split(
+    audit: Audit,
+    opts: DataOptions,
+    skipped: dict[str, int],
+    candidates: np.ndarray,
+    *,
+    full_lengths: np.ndarray,
+    lengths: np.ndarray,
+    supervised: np.ndarray,
+    truncated: np.ndarray,
+    positions: list[str],
+    noun: str,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The shared tail of Alpaca rows and conversations: drop zero-learned rows by
+    --allow_unsupervised, record skips, measure, and split -> (keep, train_idx, val_idx).
+
+    candidates: row numbers that fit --cutoff_len; the arrays (see `measure`) and
+    positions (printable row names) are indexed by row number.
+    train_idx / val_idx index into `keep` (sorted).
+    """
+    keep = candidates
+    if opts.allow_unsupervised:
+        learned = supervised[keep]
+        skipped["zero learned tokens"] = int((learned == 0).sum())
+        keep = keep[learned > 0]
+    audit.skipped = {k: v for k, v in skipped.items() if v}
+    audit.rows_kept = len(keep)
+    if not len(keep):
+        why = ", ".join(f"{n} {k}" for k, n in audit.skipped.items())
+        raise UsageError(f"{audit.source}: no {noun} left to train on (all skipped: {why})")
+    measure(
+        audit,
+        full_lengths[keep],
+        lengths[keep],
+        supervised[keep],
+        truncated[keep],
+        [positions[i] for i in keep],
+    )
+    val_size, note = effective_val_size(opts.val_set_size, len(keep))
+    if note:
+        audit.notes.append(note)
+    # Duplicates were removed (or refused) before, so every row is its own group.
+    train_idx, val_idx = split_indices(list(range(len(keep))), val_size, opts.seed)
+    train_idx.sort()
+    val_idx.sort()
+    audit.train_rows, audit.val_rows = len(train_idx), len(val_idx)
+    return keep, train_idx, val_idx
 
 
 def _example_rows(inputs: list[str], source_rows: np.ndarray) -> list[int]:
@@ -296,7 +335,12 @@ def prepare_data(
             "--add_eos_token true, or pass --allow_unsupervised to drop them"
         )
     return PreparedData(
-        train=train, val=val, audit=audit, fingerprint=fingerprint, save_cache=pending
+        train=train,
+        val=val,
+        audit=audit,
+        fingerprint=fingerprint,
+        save_cache=pending,
+        renderer=renderer,
     )
 
 

@@ -21,6 +21,7 @@ from typing import Any
 
 from lora_alpaca.errors import UsageError
 from lora_alpaca.filecheck import loads_json, shorten
+from lora_alpaca.fileio import expand_user
 
 SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -149,7 +150,7 @@ def read_file(path: Path, name: str) -> SourceFile:
 def data_files(spec: str) -> list[Path] | None:
     """The files behind `--data` (one file, or a folder's supported files), or None for a
     hub id. Raises UsageError for paths that exist but cannot be data."""
-    path = Path(spec).expanduser()
+    path = expand_user(spec)
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in SUFFIXES)
         if not files:
@@ -219,6 +220,6 @@ def read_sources(spec: str) -> tuple[list[SourceFile], str]:
     if files is None:
         source, fingerprint = load_hub_dataset(spec)
         return [source], fingerprint
-    single = len(files) == 1 and not Path(spec).expanduser().is_dir()
+    single = len(files) == 1 and not expand_user(spec).is_dir()
     sources = [read_file(p, spec if single else p.name) for p in files]
     return sources, files_fingerprint(files)

@@ -47,6 +47,38 @@ class Problems:
         raise UsageError(msg)
 
 
+class RowPolicy:
+    """The --empty_outputs and --duplicates policies, one mechanism for Alpaca rows and
+    conversations: a row they catch is counted in `skipped` (skip) or reported (error)."""
+
+    def __init__(self, opts: DataOptions, problems: Problems, skipped: dict[str, int]):
+        self.opts, self.problems, self.skipped = opts, problems, skipped
+        self.first_seen: dict[Any, str] = {}
+
+    def empty_output(self, position: str, message: str, hint: str) -> None:
+        """A row with an empty output: always dropped, counted or reported by policy."""
+        if self.opts.empty_outputs == "skip":
+            self.skipped["empty output"] += 1
+        else:
+            self.problems.add(position, "empty output", message, hint)
+
+    def is_duplicate(self, key: Any, position: str) -> bool:
+        """True (row dropped, counted or reported) when `key` was seen in an earlier row."""
+        if key not in self.first_seen:
+            self.first_seen[key] = position
+            return False
+        if self.opts.duplicates == "skip":
+            self.skipped["duplicate"] += 1
+        else:
+            self.problems.add(
+                position,
+                "duplicate",
+                f"exact duplicate of {self.first_seen[key]}",
+                "--duplicates skip keeps the first copy of each duplicate",
+            )
+        return True
+
+
 @dataclass
 class Rows:
     """Valid rows in source order: text fields, global index, and printable position."""
@@ -109,7 +141,7 @@ def validate(sources: list[SourceFile], opts: DataOptions, source_name: str) -> 
     problems = Problems(source_name)
     prefix = len(sources) > 1
     out = Rows([], [], [], [], [], rows_read, {"empty output": 0, "duplicate": 0})
-    first_seen: dict[tuple[str, str, str], str] = {}
+    policy = RowPolicy(opts, problems, out.skipped)
     g = -1
     for s in sources:
         for i, rec in enumerate(s.records):
@@ -143,29 +175,12 @@ def validate(sources: list[SourceFile], opts: DataOptions, source_name: str) -> 
                 problems.add(pos, "empty instruction", "empty instruction")
                 continue
             if not output.strip():
-                if opts.empty_outputs == "skip":
-                    out.skipped["empty output"] += 1
-                    continue
-                problems.add(
-                    pos,
-                    "empty output",
-                    "empty output",
-                    "--empty_outputs skip drops rows with an empty output",
+                policy.empty_output(
+                    pos, "empty output", "--empty_outputs skip drops rows with an empty output"
                 )
                 continue
-            key = (instruction, inp, output)
-            if key in first_seen:
-                if opts.duplicates == "skip":
-                    out.skipped["duplicate"] += 1
-                    continue
-                problems.add(
-                    pos,
-                    "duplicate",
-                    f"exact duplicate of {first_seen[key]}",
-                    "--duplicates skip keeps the first copy of each duplicate",
-                )
+            if policy.is_duplicate((instruction, inp, output), pos):
                 continue
-            first_seen[key] = pos
             out.instructions.append(instruction)
             out.inputs.append(inp)
             out.outputs.append(output)

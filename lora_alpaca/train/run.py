@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from lora_alpaca.errors import UsageError
+from lora_alpaca.fileio import expand_user
 from lora_alpaca.log import log
 from lora_alpaca.progress import human_summary
 from lora_alpaca.runlock import RunLock, lock_holder, overwrite_problem, remove_run_folder_contents
@@ -40,7 +41,7 @@ def resolve_resume(cfg: FinetuneConfig, output_dir: Path) -> Path | None:
                 f"--resume_from_checkpoint auto: no complete checkpoint in {output_dir}; starting from the beginning"
             )
         return latest
-    path = Path(cfg.resume_from_checkpoint).expanduser().resolve()
+    path = expand_user(cfg.resume_from_checkpoint).resolve()
     if not (path / ckpt.COMPLETE).is_file():
         raise UsageError(
             f"--resume_from_checkpoint {cfg.resume_from_checkpoint}: not a complete checkpoint folder "
@@ -90,6 +91,8 @@ def val_sample(cfg: FinetuneConfig, prepared, k: int = 16) -> list[dict]:
     never trained on). Best effort: an unreadable source just gives no sample."""
     if prepared.val is None or "row" not in prepared.val.column_names:
         return []
+    if prepared.audit.conversation:  # no instruction/input rows: not worth re-reading the data
+        return []
     try:
         from lora_alpaca.data.sources import read_sources
 
@@ -121,7 +124,7 @@ def run_training(cfg: FinetuneConfig) -> int:
     from lora_alpaca.train.outputs import output_dir_problem
 
     # ---- setup: everything that can be wrong with the input fails here, before any write
-    output_dir = Path(cfg.output_dir).expanduser().resolve()
+    output_dir = expand_user(cfg.output_dir).resolve()
     if not cfg.audit_only:
         preflight_output_dir(cfg, output_dir)
     resume_path = resolve_resume(cfg, output_dir)
@@ -154,12 +157,12 @@ def run_training(cfg: FinetuneConfig) -> int:
     if cfg.audit_only:
         return 0
     from lora_alpaca.chat_template import build_renderer
-    from lora_alpaca.data.pipeline import conversation_renderer
 
     # The template of training is the template of every artifact: conversation rows keep
-    # their chat template, Alpaca rows get the multi-turn alpaca form of their prompt.
+    # their chat template (the renderer prepare_data encoded them with), Alpaca rows get
+    # the multi-turn alpaca form of their prompt.
     renderer = (
-        conversation_renderer(opts, tokenizer, template)
+        prepared.renderer
         if prepared.audit.conversation
         else build_renderer(tokenizer, "alpaca", template)
     )
@@ -347,8 +350,8 @@ def _train_locked(
             "config": cfg.to_dict(),
             "versions": library_versions(),
             "data": {
-                "path": str(Path(cfg.data).expanduser().resolve())
-                if Path(cfg.data).expanduser().exists()
+                "path": str(expand_user(cfg.data).resolve())
+                if expand_user(cfg.data).exists()
                 else cfg.data,
                 "fingerprint": data_fp,
                 "train_rows": len(train_rows),
