@@ -11,14 +11,14 @@ from pathlib import Path
 from lora_alpaca.constants import DTYPES
 from lora_alpaca.errors import UsageError
 from lora_alpaca.export.adapter import AdapterInfo
-from lora_alpaca.fileio import check_writable_dir, temp_dir_beside
+from lora_alpaca.fileio import check_writable_dir, expand_user, temp_dir_beside
 
 
 def prepare_output(output_dir: str, must_be_empty: bool = True) -> Path:
     """A private temp folder beside `output_dir`; refuses to touch an existing non-empty one."""
     if not output_dir:
         raise UsageError("--output_dir is required: where to write the merged model")
-    out = Path(output_dir).expanduser()
+    out = expand_user(output_dir)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--output_dir {output_dir}: exists and is not a folder")
     if must_be_empty and out.is_dir() and any(out.iterdir()):
@@ -37,7 +37,7 @@ def publish(tmp: Path, output_dir: str) -> Path:
         for f in files:
             os.chmod(Path(root) / f, 0o644)
     os.chmod(tmp, 0o755)
-    out = Path(output_dir).expanduser()
+    out = expand_user(output_dir)
     if out.is_dir():
         out.rmdir()  # empty (checked in prepare_output); rename cannot replace a folder
     tmp.rename(out)
