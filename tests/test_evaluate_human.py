@@ -15,8 +15,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from api_server import free_port
 from conftest import ROOT
-from test_ui import CHROMIUM, CHROMIUM_ARGS, free_port
+from test_ui import CHROMIUM, CHROMIUM_ARGS
 
 MODEL, REFERENCE = "zebrasystem", "okapisystem"  # names that cannot occur by chance
 
