@@ -101,7 +101,9 @@ def check_resume(saved: dict, now: dict, force: bool) -> None:
 
 
 class StopFlag:
-    """SIGINT/SIGTERM: finish the current step, save, exit non-zero with the resume command."""
+    """SIGINT/SIGTERM: finish the current step, save, exit non-zero with the resume command.
+    Every process reads the flag in the step's one all_reduce (after backward), so a signal
+    that comes later in the step is acted on at the end of the next one."""
 
     def __init__(self):
         self.signum = 0
