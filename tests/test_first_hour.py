@@ -8,7 +8,7 @@ import json
 import re
 
 import pytest
-from conftest import run_script
+from conftest import finetune, run_script
 from test_finetune import TINY_FLAGS, write_rows
 
 # Lines a user must never have to wonder about; none is about their own input.
@@ -33,17 +33,7 @@ def tiny_run(tiny_model, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("firsthour")
     data = write_rows(tmp / "rows.json")
     out = tmp / "adapter"
-    r = run_script(
-        "finetune.py",
-        "--base_model",
-        tiny_model,
-        "--data",
-        data,
-        "--output_dir",
-        out,
-        *TINY_FLAGS,
-        env={"LORA_ALPACA_CACHE": str(tmp / "cache")},
-    )
+    r = finetune("--base_model", tiny_model, "--data", data, "--output_dir", out, *TINY_FLAGS)
     assert r.returncode == 0, r.stderr[-3000:]
     return out, r
 

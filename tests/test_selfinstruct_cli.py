@@ -15,7 +15,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, SHARED_DATA, run_script
+from conftest import ROOT, SHARED_DATA, finetune, run_script
 from json_http import server_process
 
 MODEL = "scripted-teacher"
@@ -110,7 +110,7 @@ def test_readme_command_gives_a_file_finetune_audits(tmp_path):
     report = (out / "report.md").read_text()
     assert "too_similar" in report and "Cost at $0.02/1K tokens" in report
     assert (out / "report.png").stat().st_size > 10_000
-    audit = run_script("finetune.py", "--data", out / "alpaca_data.json", "--audit_only")
+    audit = finetune("--data", out / "alpaca_data.json", "--audit_only", in_process=True)
     assert audit.returncode == 0, audit.stderr[-2000:]
 
 
