@@ -45,6 +45,10 @@ def test_finetune_stderr_is_clean_and_readable(tiny_run):
     # Not a terminal: no carriage-return bar redraws, one event per line.
     assert "\r" not in err, err[-2000:]
     lines = err.splitlines()
+    # Tokenizing says how long it took (48 rows: no opening line, a fraction of a second).
+    assert any(
+        re.fullmatch(r"tokenized 48 rows in \d+\.\d s \([\d,]+ rows/s\)", x) for x in lines
+    ), err[-3000:]
     # The pre-training evaluation has its own line before it runs, and its result its own.
     start = next(i for i, x in enumerate(lines) if x.startswith("evaluating on 8 validation rows"))
     assert re.fullmatch(
