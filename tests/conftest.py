@@ -57,6 +57,7 @@ SCRIPTS = {
     "finetune": "finetune.py",
     "generate": "generate.py",
     "export": "export_hf_checkpoint.py",
+    "selfinstruct": "generate_instruction.py",
 }
 
 
