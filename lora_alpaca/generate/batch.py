@@ -79,7 +79,11 @@ def generate_rows(
             print(f"[generate] {start:,}/{len(rows):,} rows", file=sys.stderr, flush=True)
             last_line = time.time()
         idx = order[start : start + batch_size]
-        for i, res in zip(idx, gen.generate([prompts[i] for i in idx], settings), strict=True):
+        batch = [prompts[i] for i in idx]
+        # A file with conversations (renderer set) also ends answers at the renderer's
+        # end-of-turn ids (ChatML's <|im_end|> where EOS is <|endoftext|>).
+        eog = renderer.eog_token_ids if renderer is not None else ()
+        for i, res in zip(idx, gen.generate(batch, settings, eog_ids=eog), strict=True):
             results[i] = {
                 **rows[i],
                 "response": res.text,
