@@ -321,6 +321,50 @@ def test_no_space_for_a_run_is_refused_before_model_load(shared, tmp_path, capsy
             e.value.code, capsys.readouterr().err, ("--output_dir", "free", "needs about"), "space"
         )
         assert list(mnt.iterdir()) == [] and not (tmp_path / "cache").exists()
+        # generate's --output_file and export's --output_dir: the same check, before loading.
+        for script, argv, flag in (
+            ("generate", ["--base_model", w.tiny, "--input_file", inp(w),
+                          "--output_file", mnt / "a.jsonl"], "--output_file"),
+            ("export", exp(w, "--output_dir", mnt / "merged"), "--output_dir"),
+        ):  # fmt: skip
+            with pytest.raises(SystemExit) as e:
+                cli.run(shared["commands"][script], [str(a) for a in argv])
+            err = capsys.readouterr().err
+            check_one_line(e.value.code, err, (flag, "free", "needs about"), script)
+            assert list(mnt.iterdir()) == [], script
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_read_only_file_system_refused_by_every_script_before_model_load(shared, tmp_path):
+    """A read-only mount (a tmpfs the test mounts, remounted ro) through the three real
+    scripts: one line, exit 2, nothing else on stderr (each script logs once the model
+    has loaded), no dataset cache."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a read-only tmpfs needs root (CI runs as root)")
+    mnt = tmp_path / "ro"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], check=True)
+    try:
+        subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
+        w = World(shared["tiny"], shared["other"], shared["adapter"], shared["good_data"], tmp_path)
+        cache = tmp_path / "cache"
+        env = {**os.environ, "LORA_ALPACA_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
+        env.pop("LORA_ALPACA_DEBUG", None)
+        runs = (
+            ("finetune.py", ft(w, "--output_dir", mnt / "run"), "--output_dir"),
+            ("generate.py", ["--base_model", w.tiny, "--input_file", inp(w),
+                             "--output_file", mnt / "a.jsonl"], "--output_file"),
+            ("export_hf_checkpoint.py", exp(w, "--output_dir", mnt / "merged"), "--output_dir"),
+        )  # fmt: skip
+        for script, argv, flag in runs:
+            p = subprocess.run(
+                [sys.executable, str(ROOT / script), *map(str, argv)],
+                env=env, capture_output=True, text=True, timeout=300,
+            )  # fmt: skip
+            line = check_one_line(p.returncode, p.stderr, (flag, "read-only file system"), script)
+            assert p.stderr.strip().splitlines() == [line], (script, p.stderr[-2000:])
+        assert not cache.exists() and list(mnt.iterdir()) == []
     finally:
         subprocess.run(["umount", str(mnt)], check=False)
 

@@ -48,6 +48,16 @@ def read_prompt_rows(path: str) -> list[dict]:
     return rows
 
 
+def answers_bytes(rows: list[dict], max_new_tokens: int) -> int:
+    """Rough size of the --output_file for the free-space check before the model loads: each
+    row as read plus an answer of max_new_tokens (capped at 8192: the context cap applies
+    later) at 8 bytes a token (JSON escapes of non-ASCII text), plus 1 MB of slack."""
+    import json
+
+    given = sum(len(json.dumps(r)) for r in rows)
+    return given + len(rows) * (min(max_new_tokens, 8192) * 8 + 128) + 1024 * 1024
+
+
 def generate_rows(
     gen: TextGenerator,
     rows: list[dict],
