@@ -196,7 +196,25 @@ def test_model_type_error_is_cut_at_a_word(shared, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         cli.run(shared["commands"]["generate"], ["--base_model", str(d), "--prompt", "hi"])
     line = check_one_line(e.value.code, capsys.readouterr().err, ("--base_model",), "model_type")
-    assert line.endswith(" ...)") or len(line) < 400, line
+    # Cut, and at a word's end: what is kept of the model type is a prefix of it that stops
+    # before a letter or digit would follow (the old cut ended in "...-no ...").
+    assert line.endswith(" ...)"), line
+    kept = line[: -len(" ...)")].split("`", 1)[1]
+    assert cfg["model_type"].startswith(kept) and len(kept) < len(cfg["model_type"]), line
+    nxt = cfg["model_type"][len(kept)]
+    assert not (kept[-1].isalnum() and nxt.isalnum()), (kept[-12:], nxt)
+
+
+def test_shorten_never_cuts_inside_a_word():
+    from lora_alpaca.filecheck import shorten
+
+    words = " ".join(f"word{i}" for i in range(100))
+    cut = shorten(words, 50)
+    assert cut.endswith(" ...") and words.startswith(cut[:-4]) and words[len(cut) - 4] == " "
+    ident = "prefix " + "-".join(["segment"] * 40)
+    cut = shorten(ident, 60)[:-4]
+    assert ident.startswith(cut) and cut.endswith("-") and len(cut) <= 60
+    assert shorten("x" * 300, 50) == "x" * 50 + " ..."  # one unbroken word: nothing better
 
 
 def test_unreachable_hub_id_fails_fast_in_one_line(tmp_path):
