@@ -255,19 +255,23 @@ def pack_q5_k(d, dmin, sc, m, lv) -> np.ndarray:
         qh |= ((sub[:, i] >> 4) & 1) << i
     q = (lv & 0xF).reshape(-1, 4, 2, 32)
     qs = (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(-1, 128)
-    return np.concatenate(
-        [_f16_bytes(d), _f16_bytes(dmin), _pack_scales(sc, m), qh, qs], axis=1
-    )
+    return np.concatenate([_f16_bytes(d), _f16_bytes(dmin), _pack_scales(sc, m), qh, qs], axis=1)
 
 
 def pack_q6_k(d, sc, lv) -> np.ndarray:
     q = lv.reshape(-1, 2, 4, 32)  # two halves of 128; four runs of 32 in each
     ql = np.concatenate(
-        [(q[:, :, 0] & 0xF) | ((q[:, :, 2] & 0xF) << 4), (q[:, :, 1] & 0xF) | ((q[:, :, 3] & 0xF) << 4)],
+        [
+            (q[:, :, 0] & 0xF) | ((q[:, :, 2] & 0xF) << 4),
+            (q[:, :, 1] & 0xF) | ((q[:, :, 3] & 0xF) << 4),
+        ],
         axis=2,
     ).reshape(-1, 128)
     qh = (
-        (q[:, :, 0] >> 4) | ((q[:, :, 1] >> 4) << 2) | ((q[:, :, 2] >> 4) << 4) | ((q[:, :, 3] >> 4) << 6)
+        (q[:, :, 0] >> 4)
+        | ((q[:, :, 1] >> 4) << 2)
+        | ((q[:, :, 2] >> 4) << 4)
+        | ((q[:, :, 3] >> 4) << 6)
     ).reshape(-1, 64)
     return np.concatenate([ql, qh, sc.view(np.uint8), _f16_bytes(d)], axis=1)
 
