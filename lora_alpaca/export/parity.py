@@ -76,13 +76,16 @@ TOLERANCES = {
     "bf16": Tolerance(atol=1e-1, rtol=1e-2, min_top1=0.95),
     "gguf-f16": Tolerance(atol=2e-2, rtol=3e-3, min_top1=0.98),
     "gguf-q8_0": Tolerance(atol=2e-1, rtol=5e-2, min_top1=0.93),
-    # The llama.cpp mixes, from bench/gguf_quants.py on SmolLM2-135M (BENCHMARKS.md, "GGUF
-    # quantizations"; max |ref logit| 33.8): max |dlogit| / top-1 measured q6_k 2.34 / 0.927,
-    # q5_k_m 7.30 / 0.870, q4_k_m 6.20 / 0.877, q4_0 18.2 / 0.619; bounds ~2x the drift at
-    # that scale, top-1 ~0.08-0.1 below. q4_0 is that loose because it is that lossy here.
-    "gguf-q6_k": Tolerance(atol=0.5, rtol=0.125, min_top1=0.85),
-    "gguf-q5_k_m": Tolerance(atol=1.0, rtol=0.4, min_top1=0.78),
-    "gguf-q4_k_m": Tolerance(atol=1.0, rtol=0.35, min_top1=0.78),
+    # The llama.cpp mixes, measured on SmolLM2-135M (BENCHMARKS.md, "GGUF quantizations"):
+    # max |dlogit| / top-1, worst of the bare model (bench/gguf_quants.py, max |logit| 33.8)
+    # and the Quickstart adapter's export (max |logit| 36-43): q6_k 3.41 / 0.927, q5_k_m
+    # 20.6 / 0.619, q4_k_m 11.0 / 0.872, q4_0 18.2 / 0.619. Bounds ~2x that drift at that
+    # scale, top-1 floors ~0.08-0.1 below. q5_k_m and q4_0 are that loose because they are
+    # that lossy on this base: its weights sit on a Q4_1 grid, which Q5_1 (the 576-wide
+    # fallback of Q5_K) rounds with a correlated error (see BENCHMARKS.md).
+    "gguf-q6_k": Tolerance(atol=0.5, rtol=0.175, min_top1=0.85),
+    "gguf-q5_k_m": Tolerance(atol=1.0, rtol=1.1, min_top1=0.52),
+    "gguf-q4_k_m": Tolerance(atol=1.0, rtol=0.6, min_top1=0.78),
     "gguf-q4_0": Tolerance(atol=2.0, rtol=1.0, min_top1=0.52),
 }
 
