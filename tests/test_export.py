@@ -415,7 +415,7 @@ def bad_input_cases(tiny_model: Path, tmp: Path):
         ),
         (
             ["--lora_weights", adapter, "--output_dir", tmp / "o7", "--gguf", "q4_k"],
-            "Invalid value for '--gguf'",
+            "--gguf 'q4_k': 'q4_k' is not a GGUF type; allowed: none, or one or several",
         ),
         (["--lora_weights", adapter], "--output_dir is required"),
         (

@@ -27,10 +27,11 @@ class ExportConfig:
     max_shard_size: str = cli.field("2GB", help="Largest safetensors shard, e.g. 500MB, 2GB.")
     gguf: str = cli.field(
         "none",
-        help="Also write a GGUF file for llama.cpp / Ollama / LM Studio (LLaMA family).",
-        choices=["none", "f16", "q8_0"],
+        help="Also write GGUF files for llama.cpp / Ollama / LM Studio (LLaMA family): one or "
+        "several of f16, q8_0, q6_k, q5_k_m, q4_k_m, q4_0, comma-separated (e.g. "
+        "q4_k_m,q5_k_m); each goes to model-<type>.gguf and through the parity check.",
     )
-    gguf_only: bool = cli.field(False, help="Write only the GGUF file (needs --gguf).")
+    gguf_only: bool = cli.field(False, help="Write only the GGUF files (needs --gguf).")
     merge_base: str = cli.field(
         "auto",
         help="For adapters trained on a 4-/8-bit base: merge onto the original weights or onto "

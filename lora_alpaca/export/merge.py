@@ -132,9 +132,11 @@ def run_export(cfg) -> int:
     info = read_adapter(cfg.lora_weights, cfg.base_model, cfg.allow_pickle, cfg.trust_remote_code)
     if cfg.parity_only:
         return run_parity_only(cfg, info)
-    gguf_types = [] if cfg.gguf == "none" else [cfg.gguf]
+    from lora_alpaca.export.quants import parse_gguf_types
+
+    gguf_types = parse_gguf_types(cfg.gguf)
     if cfg.gguf_only and not gguf_types:
-        raise UsageError("--gguf_only: also pass --gguf f16 or --gguf q8_0")
+        raise UsageError("--gguf_only: also pass --gguf (e.g. --gguf q4_k_m)")
     try:  # checked now, not after minutes of merging
         from transformers.utils.hub import convert_file_size_to_int
 
