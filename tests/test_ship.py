@@ -7,7 +7,6 @@ import json
 import gguf
 import numpy as np
 import pytest
-from adapters import make_adapter
 from conftest import run_script
 
 from lora_alpaca.chat_template import build_renderer
@@ -18,29 +17,8 @@ from lora_alpaca.export.template_parity import CONVERSATIONS
 from lora_alpaca.prompts import load_template
 
 
-@pytest.fixture(scope="module")
-def bundle(tiny_model, tmp_path_factory):
-    """One real `--bundle` export of a tiny adapter (all its files and parity checks)."""
-    tmp = tmp_path_factory.mktemp("ship")
-    adapter = make_adapter(
-        tiny_model, tmp / "ad", target_modules=("q_proj", "k_proj", "v_proj", "o_proj")
-    )
-    (tmp / "eval").mkdir()
-    results = {"model": "ad", "reference": "base", "judge": "j", "dataset": "d", "n": 3}
-    results |= {"win_rate": 61.25, "standard_error": 4.5, "discrete_win_rate": 66.7}
-    (tmp / "eval" / "results.json").write_text(json.dumps(results))
-    out = tmp / "bundle"
-    r = run_script(
-        "export_hf_checkpoint.py",
-        *("--lora_weights", adapter, "--output_dir", out, "--bundle", "--parity_prompts", "3"),
-        *("--eval_results", tmp / "eval"),
-    )
-    assert r.returncode == 0, r.stderr[-3000:] + r.stdout[-2000:]
-    return out, r.stdout, adapter
-
-
-def test_bundle_writes_everything_and_checks_it(bundle):
-    out, stdout, _ = bundle
+def test_bundle_writes_everything_and_checks_it(ship_bundle):
+    out, stdout, _ = ship_bundle
     names = {p.name for p in out.iterdir()}
     assert {"model.safetensors", "tokenizer.json", "model-f16.gguf", "base-f16.gguf"} <= names
     assert {"adapter-f16.gguf", "Modelfile", "Modelfile.adapter", "README.md"} <= names
@@ -56,8 +34,8 @@ def test_bundle_writes_everything_and_checks_it(bundle):
     assert (out / "Modelfile").read_text().splitlines()[1] == "FROM ./model-f16.gguf"
 
 
-def test_adapter_gguf_has_llama_cpp_names_and_metadata(bundle):
-    out, _, adapter = bundle
+def test_adapter_gguf_has_llama_cpp_names_and_metadata(ship_bundle):
+    out, _, adapter = ship_bundle
     reader = gguf.GGUFReader(str(out / "adapter-f16.gguf"))
 
     def value(key):
@@ -80,7 +58,7 @@ def test_qk_unpermute_inverts_the_writer():
     assert np.array_equal(_unpermute_qk(_permute_qk(w, 4), 4), w)
 
 
-def test_bad_flags_are_one_line(bundle, tmp_path):
+def test_bad_flags_are_one_line(ship_bundle, tmp_path):
     from lora_alpaca.errors import UsageError
     from lora_alpaca.export.app import ExportConfig
     from lora_alpaca.export.merge import bundle_plan
@@ -89,7 +67,7 @@ def test_bad_flags_are_one_line(bundle, tmp_path):
         bundle_plan(ExportConfig(eval_results=str(tmp_path)), [])
     with pytest.raises(UsageError, match="drop --gguf_only"):
         bundle_plan(ExportConfig(bundle=True, gguf_only=True), ["f16"])
-    _, _, adapter = bundle
+    _, _, adapter = ship_bundle
     r = run_script(
         "export_hf_checkpoint.py",
         *("--lora_weights", adapter, "--output_dir", tmp_path / "y", "--bundle"),
