@@ -84,7 +84,7 @@ def smollm2_alpaca(smollm2, tmp_path_factory):
 
     from lora_alpaca.chat_template import build_renderer
     from lora_alpaca.export.gguf import write_gguf
-    from lora_alpaca.export.modelfile import modelfile
+    from lora_alpaca.export.modelfile import modelfile, stop_parameters
     from lora_alpaca.prompts import load_template
 
     template = load_template("alpaca")
@@ -94,11 +94,7 @@ def smollm2_alpaca(smollm2, tmp_path_factory):
     path = tmp_path_factory.mktemp("smol") / "model-f16.gguf"
     write_gguf(model, tok, template, path, "f16", "smol", renderer=renderer)
     text = modelfile(renderer, path.name)
-    stops = [
-        json.loads(ln[len("PARAMETER stop ") :])
-        for ln in text.splitlines()
-        if ln.startswith("PARAMETER stop ")
-    ]
+    stops = stop_parameters(text)
     return model, tok, template, path, stops
 
 

@@ -125,7 +125,17 @@ def go_template(p: Pieces) -> str:
 
 
 def _quote(text: str) -> str:
-    return json.dumps(text, ensure_ascii=False)
+    # Ollama's Modelfile parser (parser/parser.go `unquote`) strips the quotes and decodes
+    # no escapes; a quoted value may span lines. So the text goes in raw ("\n### " holds a
+    # real newline); triple quotes when it holds a quote itself.
+    return f'"""{text}"""' if '"' in text else f'"{text}"'
+
+
+def stop_parameters(text: str) -> list[str]:
+    """The PARAMETER stop values of a Modelfile written by `modelfile` (double-quoted)."""
+    import re
+
+    return re.findall(r'^PARAMETER stop "(.*?)"$', text, re.M | re.S)
 
 
 def modelfile(renderer: ChatRenderer, from_file: str, adapter_file: str | None = None) -> str:
