@@ -14,7 +14,6 @@ suite, here it is built on first use, never skipped).
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from pathlib import Path
 
@@ -41,14 +40,21 @@ def complete(binary: Path, model: Path, prompt: str, *extra: str, n: int = CAP) 
     """(generated text, ended on an EOG token) from llama-completion, greedy, CPU, 1 thread."""
     cmd = [str(binary), "-m", str(model), "-p", prompt, "-n", str(n), "--temp", "0"]
     cmd += ["-no-cnv", "--no-display-prompt", "-c", "512", "-t", "1", "--no-warmup", *extra]
-    r = subprocess.run(
-        cmd, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL,
-        env={**os.environ, "LLAMA_ARG_THREADS": "1"},
-    )  # fmt: skip
-    assert r.returncode == 0, r.stderr[-3000:]
-    out = r.stdout
-    assert out.endswith("\n\n"), out[-200:]
-    out = out[:-2]
+    # llama.cpp 0.3.36 prints through an async logger it never joins at exit (its issue
+    # 22142), so a run's last output can be lost on a busy machine. The queue is in order
+    # and "\n\n" is the last text it prints: a run whose stdout ends with it is complete.
+    for _ in range(30):
+        r = subprocess.run(cmd, capture_output=True, timeout=300, stdin=subprocess.DEVNULL)
+        assert r.returncode == 0, r.stderr[-3000:]
+        if r.stdout.endswith(b"\n\n"):
+            break
+    else:
+        raise AssertionError(
+            f"llama-completion never printed its whole output: {r.stdout[-200:]!r}"
+        )
+    # Pieces are raw bytes (a random model splits UTF-8 sequences); decoded as transformers'
+    # byte-level decoder does, invalid bytes as U+FFFD.
+    out = r.stdout.decode("utf-8", errors="replace")[:-2]
     return (out[: -len(END)], True) if out.endswith(END) else (out, False)
 
 
@@ -98,12 +104,14 @@ def smollm2_alpaca(smollm2, tmp_path_factory):
     return model, tok, template, path, stops
 
 
-# Greedy SmolLM2 continuations (checked in transformers first): ends at EOS; runs on into
-# a new "### Instruction:" section; writes "\n\n### Explanation:" (the "\n### " stop).
+# Greedy SmolLM2 continuations (checked in transformers first): one ends at EOS, one runs
+# on into a new "### Instruction:" section. Not here: "What is the capital of France?",
+# which goes on "\n\n### Explanation:"; the sampler stops at "\n### ", llama-completion's
+# -r does not (it only looks at the last len(stop)+2 characters after each token, and the
+# token " Explanation" completes the stop with 12 more), Ollama and llama-server do.
 PROMPTS = [
     ("List three fruits.", "", "eos"),
     ("Name a primary colour.", "Red.\n\n### Instruction:\nName another primary colour.\n\n### Response:\n", "stop_string"),
-    ("What is the capital of France?", "", "stop_string"),
 ]  # fmt: skip
 
 
@@ -131,9 +139,13 @@ def test_llama_cpp_stops_where_the_sampler_stops(
     result = finish(new.tolist(), tok, eos_token_ids(model, tok), template.stop_strings)
     assert result.finish_reason == reason and result.new_tokens < CAP
 
-    rflags = [a for s in stops for a in ("-r", s)]  # the Modelfile's PARAMETER stop lines
+    # The Modelfile's PARAMETER stop lines as -r, except any the prompt itself ends with:
+    # llama-completion also searches the prompt's last len+2 characters for a reverse
+    # prompt and would stop before the first token (the Alpaca prompt ends "### Response:\n").
+    rflags = [a for s in stops if s not in prompt[-len(s) - 2 :] for a in ("-r", s)]
+    assert "### Response:" not in rflags and "### Instruction:" in rflags
     text, eog = complete(llama_completion, gguf_path, prompt, *rflags)
-    assert cut_at_stop(text, template.stop_strings).strip() == result.text
+    assert cut_at_stop(text, template.stop_strings).strip() == result.text, repr(text)
     if reason == "eos":
         assert eog  # the GGUF's EOS id is an end-of-generation token for llama.cpp
     else:
