@@ -197,7 +197,10 @@ def run_export(cfg) -> int:
         base_config = load_config(info.base, cfg.trust_remote_code)
         check_supported(base_config)
         tokenizer_metadata(tokenizer, base_config.vocab_size)
-    tmp = prepare_output(cfg.output_dir)
+    from lora_alpaca.export.output import export_bytes
+
+    need = export_bytes(info.base.path, cfg.dtype, gguf_types, not cfg.gguf_only)
+    tmp = prepare_output(cfg.output_dir, need_bytes=need)
     try:
         prompts = parity_prompts(info.template, info.run, cfg.parity_prompts)
         log(f"merging {info.dir} into {info.base.name} (merge base: {merge_base})")
