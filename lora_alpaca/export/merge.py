@@ -199,7 +199,9 @@ def run_export(cfg) -> int:
         tokenizer_metadata(tokenizer, base_config.vocab_size)
     from lora_alpaca.export.output import export_bytes
 
-    need = export_bytes(info.base.path, cfg.dtype, gguf_types, not cfg.gguf_only)
+    # base-<type>.gguf weighs what a merged GGUF of that type does (the adapter: little)
+    written = gguf_types + ([lora_type] if lora_type else [])
+    need = export_bytes(info.base.path, cfg.dtype, written, not cfg.gguf_only)
     tmp = prepare_output(cfg.output_dir, need_bytes=need)
     try:
         prompts = parity_prompts(info.template, info.run, cfg.parity_prompts)
