@@ -268,6 +268,7 @@ def test_gguf_only_and_sharding(tiny_model, tmp_path):
     )
     assert code == 0, err + out
     assert sorted(p.name for p in (tmp_path / "g").iterdir()) == [
+        "Modelfile",  # Ollama's, beside every GGUF export
         "README.md",
         "export.json",
         "model-f16.gguf",

@@ -153,7 +153,11 @@ def model_card(info: AdapterInfo, record: dict) -> str:
         data=f"{data['path']} ({data.get('train_rows')} train / {data.get('val_rows')} validation rows)"
         if data.get("path")
         else "unknown (no run.json)",
-        formats=", ".join(formats + [f"GGUF {q}" for q in record["gguf"]]),
+        formats=", ".join(
+            formats
+            + [f"GGUF {q}" for q in record["gguf"]]
+            + ([f"LoRA GGUF {record['gguf_lora']} + base GGUF"] if record.get("gguf_lora") else [])
+        ),
         prompt=info.template.prompt_no_input,
         stops=", ".join(repr(s) for s in info.stop_strings),
     )

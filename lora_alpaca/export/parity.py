@@ -327,16 +327,21 @@ def check_exports(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from lora_alpaca.export.gguf import gguf_file_name, load_gguf_model
+    from lora_alpaca.export.gguf_lora import base_file_name, lora_parity
     from lora_alpaca.export.template_parity import template_parity
 
     eos = info.manifest["special_tokens"]["eos_token_id"]
+    lora_type = record.get("gguf_lora")
     sections = [
         template_parity(
             renderer,
             out if record["transformers"] else None,
-            [out / gguf_file_name(q) for q in record["gguf"]],
+            [out / gguf_file_name(q) for q in record["gguf"]]
+            + ([out / base_file_name(lora_type)] if lora_type else []),
         )
     ]
+    if lora_type:
+        sections.append(lora_parity(out, refs, lora_type, eos, TOLERANCES))
     if record["transformers"]:
         model = AutoModelForCausalLM.from_pretrained(
             out, dtype=torch.float32, use_safetensors=True
