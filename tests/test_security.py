@@ -164,6 +164,13 @@ def test_pickled_adapter_needs_the_flag_and_even_then_runs_no_code(tiny_model, t
     code, err = code_err("export", "--lora_weights", adapter, "--allow_pickle",
                         "--output_dir", tmp_path / "o")  # fmt: skip
     assert_one_line(code, err, f"--lora_weights {adapter}", "other than tensors")
+    # One opt-in name for both commands: each also takes the other's spelling.
+    code, err = code_err("generate", "--lora_weights", adapter, "--prompt", "hi",
+                        "--max_new_tokens", "1", "--allow_pickle")  # fmt: skip
+    assert_one_line(code, err, f"--lora_weights {adapter}", "other than tensors")
+    code, err = code_err("export", "--lora_weights", adapter, "--allow_pickle_adapter",
+                        "--output_dir", tmp_path / "o")  # fmt: skip
+    assert_one_line(code, err, f"--lora_weights {adapter}", "other than tensors")
     assert not marker.exists() and not (tmp_path / "o").exists()
     # A .bin of plain tensors, with the flag: loads and exports.
     torch.save(weights, adapter / "adapter_model.bin")

@@ -66,7 +66,10 @@ class ExportConfig:
         False, help="Allow model code from the base model's folder/repo to run."
     )
     allow_pickle: bool = cli.field(
-        False, help="Allow loading pickled .bin weights (can run code; safetensors otherwise)."
+        False,
+        help="Allow loading pickled .bin weights of the adapter and the base (can run code; "
+        "safetensors otherwise). Also spelled --allow_pickle_adapter, generate.py's name.",
+        aliases=("--allow_pickle_adapter",),
     )
 
 

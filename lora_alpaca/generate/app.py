@@ -85,7 +85,10 @@ class GenerateConfig(ServeFlags):
         False, "Allow model folders to run their own Python code (off: safer)."
     )
     allow_pickle_adapter: bool = F(
-        False, "Allow adapter_model.bin (a pickle) when no safetensors adapter exists."
+        False,
+        "Allow adapter_model.bin (a pickle) when no safetensors adapter exists. Also spelled "
+        "--allow_pickle, export's name.",
+        aliases=("--allow_pickle",),
     )
     # Safeguards (lora_alpaca/safeguards): both off by default.
     watermark: bool = F(False, "Watermark every answer (green-list scheme, transformers).")
