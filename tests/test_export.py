@@ -77,6 +77,11 @@ def exported(trained, tmp_path_factory) -> Path:
     assert "parity PASS transformers (fp32)" in r.stdout and "parity PASS gguf q8_0" in r.stdout, (
         r.stdout
     )
+    # Every slow stage says what it does and how long it took, one plain line each.
+    for line in ("merged in ", "writing model-q8_0.gguf ...", "writing the transformers checkpoint (fp32) ...",
+                 "parity check of every artifact on 4 held-out prompts ...", "checked in "):  # fmt: skip
+        assert line in r.stderr, r.stderr
+    assert "\r" not in r.stderr
     return out
 
 

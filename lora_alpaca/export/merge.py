@@ -166,7 +166,7 @@ def run_export(cfg) -> int:
     )
     from lora_alpaca.export.parity import check_exports, parity_prompts, summary_lines
     from lora_alpaca.fileio import write_json_atomic
-    from lora_alpaca.log import log
+    from lora_alpaca.progress import stage
 
     if cfg.parity_prompts < 1:
         raise UsageError(f"--parity_prompts {cfg.parity_prompts}: must be at least 1")
@@ -207,8 +207,10 @@ def run_export(cfg) -> int:
     tmp = prepare_output(cfg.output_dir, need_bytes=need)
     try:
         prompts = parity_prompts(info.template, info.run, cfg.parity_prompts)
-        log(f"merging {info.dir} into {info.base.name} (merge base: {merge_base})")
-        merged, refs = merged_model(info, merge_base, cfg, tokenizer, prompts)
+        with stage(
+            f"merging {info.dir} into {info.base.name} (merge base: {merge_base})", "merged"
+        ):
+            merged, refs = merged_model(info, merge_base, cfg, tokenizer, prompts)
         record = {
             "adapter": str(info.dir.resolve()),
             "base_model": info.manifest["base_model"]["name"],
@@ -221,37 +223,39 @@ def run_export(cfg) -> int:
         }
         report: dict = {"prompts": prompts}
         if info.quantization in ("4bit", "8bit"):
-            log("comparing merge bases against the adapter on its quantized base")
-            report["merge_base"] = compare_merge_bases(
-                info, merge_base, merged, tokenizer, prompts, cfg
-            )
+            with stage(
+                "comparing merge bases against the adapter on its quantized base", "compared"
+            ):
+                report["merge_base"] = compare_merge_bases(
+                    info, merge_base, merged, tokenizer, prompts, cfg
+                )
         name = f"{Path(info.manifest['base_model']['name']).name}-{info.dir.resolve().name}"
         for qtype in gguf_types:  # before the HF write, which rounds `merged` in place
-            log(f"writing {gguf_file_name(qtype)}")
-            write_gguf(
-                merged,
-                tokenizer,
-                info.template,
-                tmp / gguf_file_name(qtype),
-                qtype,
-                name,
-                stop_strings=info.stop_strings,
-                renderer=renderer,
-            )
+            with stage(f"writing {gguf_file_name(qtype)}", "written"):
+                write_gguf(
+                    merged,
+                    tokenizer,
+                    info.template,
+                    tmp / gguf_file_name(qtype),
+                    qtype,
+                    name,
+                    stop_strings=info.stop_strings,
+                    renderer=renderer,
+                )
         if not cfg.gguf_only:
-            log(f"writing the transformers checkpoint ({cfg.dtype})")
-            write_hf_folder(merged, tokenizer, info, tmp, cfg.dtype, cfg.max_shard_size)
+            with stage(f"writing the transformers checkpoint ({cfg.dtype})", "written"):
+                write_hf_folder(merged, tokenizer, info, tmp, cfg.dtype, cfg.max_shard_size)
         del merged
         if lora_type:
             from lora_alpaca.export.gguf_lora import write_lora_files
 
-            log(f"writing base-{lora_type}.gguf and adapter-{lora_type}.gguf")
-            write_lora_files(info, cfg, lora_type, tmp, tokenizer, renderer, name)
+            with stage(f"writing base-{lora_type}.gguf and adapter-{lora_type}.gguf", "written"):
+                write_lora_files(info, cfg, lora_type, tmp, tokenizer, renderer, name)
         write_modelfiles(tmp, renderer, gguf_types, lora_type)
         write_json_atomic(tmp / EXPORT_RECORD, record)
         (tmp / "README.md").write_text(model_card(info, record), encoding="utf-8")
-        log("parity check")
-        report["checks"] = check_exports(tmp, refs, info, record, renderer)
+        with stage(f"parity check of every artifact on {len(prompts)} held-out prompts", "checked"):
+            report["checks"] = check_exports(tmp, refs, info, record, renderer)
         _write_report(tmp, report)
         if cfg.bundle:
             write_bundle_card(tmp, info, record, report, eval_results)
@@ -281,7 +285,10 @@ def run_parity_only(cfg, info: AdapterInfo) -> int:
     renderer = renderer_from_manifest(info.manifest, tokenizer)
     prompts = parity_prompts(info.template, info.run, cfg.parity_prompts)
     _, refs = merged_model(info, record["merge_base"], cfg, tokenizer, prompts)
-    report = {"prompts": prompts, "checks": check_exports(out, refs, info, record, renderer)}
+    from lora_alpaca.progress import stage
+
+    with stage(f"parity check of {out} on {len(prompts)} held-out prompts", "checked"):
+        report = {"prompts": prompts, "checks": check_exports(out, refs, info, record, renderer)}
     _write_report(out, report)
     for line in summary_lines(report):
         print(line)
