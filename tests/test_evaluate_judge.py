@@ -138,7 +138,8 @@ def test_answers_from_an_endpoint(judge_server, tmp_path):
     src.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "model_outputs.json"
     r = run_script("evaluate.py", "answers", "--eval_set", src, "--api_base", judge_server["url"],
-                   "--api_model", "cand-model", "--output_file", out, timeout=120)  # fmt: skip
+                   "--api_model", "cand-model", "--output_file", out, "--concurrency", 2,
+                   timeout=120)  # fmt: skip
     assert r.returncode == 0, r.stderr
     got = json.loads(out.read_text())
     assert [g["instruction"] for g in got] == ["Name a colour.", "Add the numbers.\n\n2 3"]
@@ -206,6 +207,9 @@ def test_bad_inputs_are_one_line(tmp_path, judge_server):
     bad_row.write_text('{"instruction": "ok"}\n{"instruction": ""}\n')
     assert "line 2" in _bad(tmp_path, "answers", "--eval_set", bad_row, "--output_file", tmp_path / "a.json",
                             "--api_base", url, "--api_model", "m")  # fmt: skip
+    assert "not available with --api_base" in _bad(tmp_path, "answers", "--eval_set", bad_row,
+        "--output_file", tmp_path / "a.json", "--api_base", url, "--api_model", "m",
+        "--reference_outputs", rp)  # fmt: skip
     assert "--server_port" in _bad(tmp_path, "human", "--model_outputs", mp, "--reference_outputs", rp,
                                    "--output_dir", out, "--server_port", "70000")  # fmt: skip
     assert taken.read_text() == "" and not (tmp_path / "a.json").exists()

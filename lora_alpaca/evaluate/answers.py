@@ -8,11 +8,13 @@ prompt length like `generate.py --input_file`) or any OpenAI-compatible endpoint
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from lora_alpaca import cli
 from lora_alpaca.errors import UsageError
+from lora_alpaca.evaluate.heldout import attach_references, reference_losses
 from lora_alpaca.evaluate.sets import alpaca_eval_instruction, read_eval_set
 from lora_alpaca.fileio import check_output_file
 from lora_alpaca.log import log
@@ -34,6 +36,11 @@ class AnswersConfig:
         None, "Local base model folder, .gguf or name; default: the adapter's base, else SmolLM2."
     )
     lora_weights: str | None = F(None, "Local adapter folder written by finetune.py.")
+    reference_outputs: str | None = F(
+        None,
+        "Reference answers (AlpacaEval JSON, paired by instruction) scored as held-out loss "
+        "under a local model; default: the set's own answers where it has them.",
+    )
     prompt_template_name: str | None = F(
         None, "Template for local models; default: the adapter's own, else alpaca."
     )
@@ -46,6 +53,9 @@ class AnswersConfig:
     )
     max_new_tokens: int = F(256, "Most tokens per answer.")
     batch_size: int = F(8, "Prompts per batch for local models.")
+    concurrency: int = F(
+        1, "Requests in flight at once to --api_base (a batching server decodes them together)."
+    )
     limit: int = F(0, "Answer only the first N prompts (0 = all).")
     overwrite: bool = F(False, "Replace --output_file if it exists.")
 
@@ -60,15 +70,20 @@ def check(cfg: AnswersConfig) -> Path:
     out = check_output_file(
         "--output_file",
         cfg.output_file,
-        inputs={"--eval_set": cfg.eval_set},
+        inputs={"--eval_set": cfg.eval_set, "--reference_outputs": cfg.reference_outputs},
         overwrite=cfg.overwrite,
         overwrite_flag="--overwrite",
     )
     if cfg.api_base and (cfg.lora_weights or cfg.base_model):
         raise UsageError("--api_base and a local model (--base_model/--lora_weights): give one")
+    if cfg.api_base and cfg.reference_outputs:
+        raise UsageError(
+            "--reference_outputs: held-out loss needs a local model's probabilities; "
+            "not available with --api_base"
+        )
     if cfg.api_base and not cfg.api_model:
         raise UsageError("--api_base needs --api_model (the model name the endpoint serves)")
-    for flag in ("max_new_tokens", "batch_size"):
+    for flag in ("max_new_tokens", "batch_size", "concurrency"):
         if getattr(cfg, flag) < 1:
             raise UsageError(f"--{flag} {getattr(cfg, flag)}: must be >= 1")
     if cfg.limit < 0:
@@ -91,6 +106,10 @@ def _local_answers(cfg: AnswersConfig, rows: list[dict]) -> tuple[list[dict], st
     log(loaded.description, tag="evaluate")
     settings = DecodingSettings(max_new_tokens=cfg.max_new_tokens).validate()
     answered = generate_rows(loaded.generator, rows, settings, cfg.batch_size)
+    if attach_references(rows, cfg.reference_outputs):
+        for a, scored in zip(answered, reference_losses(loaded.generator, rows), strict=True):
+            if scored:
+                a["reference_loss"], a["reference_tokens"] = round(scored[0], 6), scored[1]
     name = cfg.generator or (
         Path(cfg.lora_weights).name
         if cfg.lora_weights
@@ -100,13 +119,19 @@ def _local_answers(cfg: AnswersConfig, rows: list[dict]) -> tuple[list[dict], st
 
 
 def _api_answers(cfg: AnswersConfig, rows: list[dict]) -> tuple[list[dict], str]:
+    from concurrent.futures import ThreadPoolExecutor
+
     import openai
+    from tqdm import tqdm
+
+    from lora_alpaca.progress import bar_enabled
 
     client = openai.OpenAI(
         base_url=cfg.api_base, api_key=os.environ.get(cfg.api_key_env) or "none", max_retries=2
     )
-    answered = []
-    for i, r in enumerate(rows):
+
+    def answer(i: int) -> dict:
+        r = rows[i]
         try:
             resp = client.chat.completions.create(
                 model=cfg.api_model,
@@ -128,14 +153,21 @@ def _api_answers(cfg: AnswersConfig, rows: list[dict]) -> tuple[list[dict], str]
         choice = resp.choices[0]
         reason = {"stop": "eos", "length": "length"}.get(choice.finish_reason, choice.finish_reason)
         tokens = resp.usage.completion_tokens if resp.usage else 0
-        answered.append(
-            {
-                **r,
-                "response": choice.message.content or "",
-                "finish_reason": reason,
-                "new_tokens": tokens,
-            }
+        return {
+            **r,
+            "response": choice.message.content or "",
+            "finish_reason": reason,
+            "new_tokens": tokens,
+        }
+
+    # Threads, not asyncio: the client is blocking and the work is waiting on the server.
+    # map() keeps the set's order and re-raises the first UsageError.
+    with ThreadPoolExecutor(max_workers=cfg.concurrency) as pool:
+        done = pool.map(answer, range(len(rows)))
+        bar = tqdm(
+            done, total=len(rows), desc="answers", file=sys.stderr, disable=not bar_enabled()
         )
+        answered = list(bar)
     return answered, cfg.generator or cfg.api_model
 
 
@@ -153,6 +185,7 @@ def main(cfg: AnswersConfig) -> int:
             "dataset": a["dataset"],
             "finish_reason": a["finish_reason"],
             "new_tokens": a["new_tokens"],
+            **{k: a[k] for k in ("reference_loss", "reference_tokens") if k in a},
         }
         for a in answered
     ]

@@ -131,6 +131,14 @@ def summarise(rows: list[dict]) -> dict:
     return out
 
 
+def held_out(rows) -> dict | None:
+    """The answers file's held-out loss (written by `evaluate.py answers` for local models)."""
+    from lora_alpaca.evaluate.heldout import mean_loss
+
+    scored = mean_loss(list(rows))
+    return {"loss": scored[0], "rows": scored[1]} if scored else None
+
+
 def main(cfg: JudgeConfig) -> int:
     from lora_alpaca.evaluate.human import read_votes
     from lora_alpaca.evaluate.judges import ApiJudge, JudgeCache, LocalJudge
@@ -166,6 +174,9 @@ def main(cfg: JudgeConfig) -> int:
         "dataset": pairs[0]["dataset"] or "not recorded",
         "seed": cfg.seed,
         **summarise(rows),
+        "held_out_loss": {
+            side: held_out(p[f"{side}_row"] for p in pairs) for side in ("model", "reference")
+        },
         "usage": usage,
     }
     votes = read_votes(out_dir)

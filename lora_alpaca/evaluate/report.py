@@ -157,8 +157,15 @@ def write_report(out_dir: Path, pairs, results, judged, votes, model_rows, refer
         f"| leaks a template header | {both(lambda p: pct(p.header_leak_share))} |",
         f"| degenerate repetition | {both(lambda p: pct(p.degenerate_share))} |",
         f"| mean length (words) | {both(lambda p: f'{p.mean_words:.0f}')} |",
-        "", "## Pairs where the judge was most decided", "",
     ]  # fmt: skip
+    loss = results.get("held_out_loss") or {}
+    if any(loss.values()):
+        cell = [f"{v['loss']:.3f} ({v['rows']} rows)" if v else "not scored"
+                for v in (loss.get("model"), loss.get("reference"))]  # fmt: skip
+        lines.append(
+            f"| held-out loss of the reference answers (per token) | {cell[0]} | {cell[1]} |"
+        )
+    lines += ["", "## Pairs where the judge was most decided", ""]
     by_index = {p["index"]: p for p in pairs}
     read = sorted((j for j in judged if j["p_model"] is not None), key=lambda j: j["p_model"])
     picks = [("for " + r, j) for j in read[:2]] + [("for " + m, j) for j in read[-2:][::-1]]

@@ -32,7 +32,8 @@ def _text(row: dict, key: str, where: str, required: bool) -> str:
 
 
 def read_eval_set(path: str, flag: str = "--eval_set", limit: int = 0) -> list[dict]:
-    """Rows `{instruction, input, dataset}` of any supported set; one-line errors."""
+    """Rows `{instruction, input, dataset, reference}` of any supported set (reference: its
+    answer, "" when it has none); one-line errors."""
     rows = []
     default_dataset = Path(path).stem
     for where, row in read_json_rows(path, flag):
@@ -47,7 +48,15 @@ def read_eval_set(path: str, flag: str = "--eval_set", limit: int = 0) -> list[d
                 raise UsageError(f"{where}: 'instances' must hold objects with 'input'")
             input_text = _text(instances[0], "input", where + " instances[0]", required=False)
         dataset = row.get("dataset") if isinstance(row.get("dataset"), str) else default_dataset
-        rows.append({"instruction": instruction, "input": input_text, "dataset": dataset})
+        # A reference answer, when the set has one: scored as held-out loss by `answers`.
+        reference = row.get("output")
+        if reference is None and isinstance(instances, list) and instances:
+            reference = instances[0].get("output")
+        reference = reference if isinstance(reference, str) and reference.strip() else ""
+        rows.append(
+            {"instruction": instruction, "input": input_text, "dataset": dataset,
+             "reference": reference}
+        )  # fmt: skip
     if not rows:
         raise UsageError(f"{flag} {path}: no rows")
     return rows[:limit] if limit > 0 else rows
