@@ -28,6 +28,7 @@ from lora_alpaca.errors import UsageError
 from lora_alpaca.log import log
 from lora_alpaca.progress import duration, run_estimate, step_bar
 from lora_alpaca.train import checkpoint as ckpt
+from lora_alpaca.train import distributed
 from lora_alpaca.train.config import RESUME_KEYS, FinetuneConfig
 from lora_alpaca.train.loss import causal_lm_loss_sum
 
@@ -196,8 +197,7 @@ def train_loop(
     if resume:
         from peft import set_peft_model_state_dict
 
-        set_peft_model_state_dict(peft_model, resume["adapter"])
-        optimizer.load_state_dict(resume["optimizer"])
+        set_peft_model_state_dict(peft_model, resume["adapter"])  # FSDP shards it in prepare
         scheduler.load_state_dict(resume["scheduler"])
         ckpt.set_rng_state(resume["rng"])
         st = resume["trainer_state"]
@@ -211,6 +211,10 @@ def train_loop(
         )
     module = LossModule(peft_model, cfg.loss_chunk_size)
     module, optimizer = accelerator.prepare(module, optimizer)
+    if resume:  # after prepare: under FSDP each rank takes its shard of the saved state
+        distributed.load_optimizer_state(peft_model, optimizer, resume["optimizer"], accelerator)
+    # After prepare: FSDP2 replaced the parameters with sharded ones.
+    clip_params = list(module.parameters())
     autocast = (
         (lambda: torch.autocast(accelerator.device.type, dtype=precision.autocast))
         if precision.autocast
@@ -224,8 +228,10 @@ def train_loop(
     )
 
     def save(position: Position) -> Path | None:
-        from lora_alpaca.train.lora_setup import lora_state_dict
-
+        # Collectives first (every rank): FSDP shards, and each rank's own RNG state.
+        adapter = distributed.adapter_state(peft_model, accelerator)
+        optim_state = distributed.optimizer_state(peft_model, optimizer, accelerator)
+        rng = distributed.gather_rng_states(accelerator, ckpt.rng_state())
         if not accelerator.is_main_process:
             return None
         state = {
@@ -242,11 +248,11 @@ def train_loop(
         return ckpt.save_checkpoint(
             Path(cfg.output_dir),
             position.global_step,
-            lora_state_dict(peft_model),
+            adapter,
             peft_cfg,
-            optimizer.state_dict(),
+            optim_state,
             scheduler.state_dict(),
-            ckpt.rng_state(),
+            rng,
             state,
             cfg.save_total_limit,
         )
@@ -312,7 +318,7 @@ def train_loop(
             if scaler:
                 scaler.unscale_(optimizer)
             if cfg.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)
+                accelerator.clip_grad_norm_(clip_params, cfg.max_grad_norm)
             if scaler:
                 scaler.step(optimizer)
                 scaler.update()

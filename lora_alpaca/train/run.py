@@ -224,10 +224,9 @@ def _train_locked(
     cfg, started, output_dir, resume_path, template, ref, tokenizer, prepared, renderer, lock
 ) -> int:
     """Model, lock on the output folder, training, final outputs."""
-    from accelerate import Accelerator
-
     from lora_alpaca.models import config_fingerprint, load_model, resolve_precision
     from lora_alpaca.runfolder import build_manifest
+    from lora_alpaca.train import distributed
     from lora_alpaca.train.loop import (
         DiskFull,
         InterruptedTraining,
@@ -239,9 +238,7 @@ def _train_locked(
     from lora_alpaca.train.lora_setup import add_lora, verify_saved_adapter
     from lora_alpaca.train.outputs import library_versions, output_dir_problem, write_final_outputs
 
-    # cpu=True on machines without a GPU: otherwise accelerate ignores torchrun's WORLD_SIZE
-    # on CPU and every process trains alone.
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    accelerator = distributed.make_accelerator(cfg.fsdp)
     device = accelerator.device
     quantization = (
         cfg.quantization
@@ -249,9 +246,12 @@ def _train_locked(
         else ("8bit" if device.type == "cuda" else "none")
     )
     precision = resolve_precision(cfg.dtype, device, quantization)
-    resume = ckpt.load_checkpoint(resume_path) if resume_path else None
+    resume = ckpt.load_checkpoint(resume_path, accelerator.process_index) if resume_path else None
     data_fp = prepared.fingerprint
     if resume:
+        distributed.check_world_size(
+            resume["trainer_state"], accelerator.num_processes, cfg.force_resume
+        )
         check_resume(
             resume["trainer_state"]["resume_fingerprint"],
             resume_fingerprint(cfg, data_fp),
@@ -259,6 +259,7 @@ def _train_locked(
         )
         log(f"resuming from {resume_path} (step {resume['trainer_state']['global_step']})")
     model = load_model(ref, precision, quantization, device, cfg.trust_remote_code)
+    distributed.set_wrap_classes(accelerator, model)
     torch.manual_seed(cfg.seed)  # LoRA init and dropout are repeatable
     peft_model = add_lora(model, cfg, quantized=quantization != "none")
     # Every input check has passed: lock the folder before the first write to it (the
@@ -325,6 +326,11 @@ def _train_locked(
         return 3
 
     # ---- cleanup: only the main process writes; the adapter is read back and checked
+    # Under FSDP the LoRA weights are sharded: gather them whole to rank 0 (collective),
+    # so the adapter written is a plain PEFT adapter that loads on one device.
+    full = (
+        distributed.full_trainable_state(peft_model) if distributed.is_fsdp(accelerator) else None
+    )
     if accelerator.is_main_process:
         final_train = pos.history[-1]["loss"] if pos.history else None
         final_eval = pos.eval_history[-1]["eval_loss"] if pos.eval_history else None
@@ -365,6 +371,7 @@ def _train_locked(
             },
             "seed": cfg.seed,
             "world_size": accelerator.num_processes,
+            "sharding": "fsdp2" if distributed.is_fsdp(accelerator) else None,
             "device": str(device),
             "quantization": quantization,
             "dtype": precision.label,
@@ -379,9 +386,18 @@ def _train_locked(
             "eval_history": pos.eval_history,
         }
         write_final_outputs(
-            output_dir, peft_model, tokenizer, manifest, run_info, pos.history, pos.eval_history
+            output_dir,
+            peft_model,
+            tokenizer,
+            manifest,
+            run_info,
+            pos.history,
+            pos.eval_history,
+            state_dict=full,
         )
-        check = verify_saved_adapter(peft_model, output_dir, expect_trained=pos.global_step > 0)
+        check = verify_saved_adapter(
+            peft_model, output_dir, expect_trained=pos.global_step > 0, state_dict=full
+        )
         log(
             f"adapter verified: {check['lora_modules']} LoRA modules, {check['nonzero_lora_B']} trained lora_B, {check['bytes']:,} bytes"
         )
