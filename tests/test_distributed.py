@@ -4,7 +4,8 @@
 - FSDP2 gives the adapter of one process with the same effective batch (dropout off), and
   that adapter is a plain PEFT one (loads on one device);
 - an FSDP2 run SIGKILLed while rank 0 writes a checkpoint (every file, no marker yet) leaves
-  that checkpoint torn and ignored, and resumed equals the uninterrupted FSDP2 run;
+  that checkpoint torn and ignored, and resumed (through torchrun --fsdp, the shortcut)
+  equals the uninterrupted FSDP2 run;
 - DDP with dropout on, SIGKILLed and resumed, equals the uninterrupted DDP run: every rank
   restores its own RNG state (the ranks' states differ, so one state restored everywhere
   would not do);
@@ -48,9 +49,10 @@ def command(kind: str, base: Path, data: Path, out: Path, dropout: str) -> list[
     if kind == "fsdp":
         return [str(ACCELERATE), "launch", "--config_file", str(ROOT / "configs" / "fsdp2.yaml"),
                 "--num_processes", "2", "--main_process_port", port, *script]  # fmt: skip
-    if kind == "ddp":
+    if kind in ("ddp", "torchrun --fsdp"):
+        fsdp = ["--fsdp"] if kind != "ddp" else []
         return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                "--master_port", port, *script]  # fmt: skip
+                "--master_port", port, *script, *fsdp]  # fmt: skip
     return [sys.executable, *script]
 
 
@@ -191,9 +193,12 @@ def test_fsdp2_killed_mid_save_then_resumed_equals_uninterrupted(
     for path in complete:
         ref = fsdp_reference / "checkpoints" / path.name
         assert_same(ref, path, rtol=1e-5, atol=1e-6)
-    err = run(cmd, tmp_path, "resumed", LORA_ALPACA_ROW_LOG=str(row_log))
-    assert f"resuming from {complete[-1]}" in err, err[-3000:]
+    # Resumed through the --fsdp shortcut of torchrun: the same FSDP2 setup as the config file.
+    resume = command("torchrun --fsdp", tiny_model, rows, out, "0")
+    err = run(resume, tmp_path, "resumed", LORA_ALPACA_ROW_LOG=str(row_log))
+    assert f"resuming from {complete[-1]}" in err and "FSDP2: sharding each" in err, err[-3000:]
     assert progress(row_log) == STEPS
+    assert json.loads((out / "run.json").read_text())["sharding"] == "fsdp2"
     assert_same(fsdp_reference, out, rtol=1e-5, atol=1e-6)
     assert not list(ckpt.checkpoints_dir(out).glob(".tmp-*"))
 
