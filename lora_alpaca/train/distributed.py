@@ -168,11 +168,19 @@ def optimizer_state(peft_model, optimizer, accelerator) -> dict | None:
 
 
 def load_optimizer_state(peft_model, optimizer, state: dict, accelerator) -> None:
-    """Under FSDP, after `prepare`: every rank takes its shard of the whole saved state."""
+    """After `prepare`. A state keyed by parameter names (written under FSDP): every rank
+    takes its shard of it (or all of it, unsharded); one keyed by position: as saved."""
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
-    if is_fsdp(accelerator):
+    groups = state.get("param_groups") or [{}]
+    by_name = any(isinstance(i, str) for i in groups[0].get("params", []))
+    if by_name:
         set_optimizer_state_dict(peft_model, _raw(optimizer), state, options=_options())
+    elif is_fsdp(accelerator):
+        raise UsageError(
+            "--resume_from_checkpoint: this checkpoint was written without FSDP; resume it "
+            "without FSDP (the same launcher and flags as the run that wrote it)"
+        )
     else:
         optimizer.load_state_dict(state)
 
