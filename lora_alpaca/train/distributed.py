@@ -102,6 +102,20 @@ def is_fsdp(accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.FSDP
 
 
+def check_quantization(accelerator, asked: str, resolved: str) -> str:
+    """A quantized base under FSDP2 is not supported yet: bitsandbytes' int8 / uint8
+    storage cannot be sharded (QLoRA + FSDP needs bnb_4bit_quant_storage = the compute
+    dtype, and GPUs). `auto` means no quantization there; asking for it is refused."""
+    if not is_fsdp(accelerator) or resolved == "none":
+        return resolved
+    if asked == "auto":
+        return "none"
+    raise UsageError(
+        f"--quantization {asked}: not supported with FSDP yet (its weights cannot be sharded); "
+        "use --quantization none, or DDP"
+    )
+
+
 def set_wrap_classes(accelerator, model) -> None:
     """Shard per decoder layer of THIS model: accelerate reads `_no_split_modules` from the
     module it prepares, which is our loss wrapper (it has none), so name them here."""

@@ -232,6 +232,7 @@ def _setup_accelerator(cfg: FinetuneConfig):
         if cfg.quantization != "auto"
         else ("8bit" if device.type == "cuda" else "none")
     )
+    quantization = distributed.check_quantization(accelerator, cfg.quantization, quantization)
     precision = resolve_precision(cfg.dtype, device, quantization)
     return accelerator, quantization, precision
 
