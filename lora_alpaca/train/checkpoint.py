@@ -57,10 +57,14 @@ def save_checkpoint(
     adapter_config: dict,
     optimizer_state: dict,
     scheduler_state: dict,
-    rng_state: dict[str, torch.Tensor],
+    rng_state: dict[str, torch.Tensor] | list[dict[str, torch.Tensor]],
     trainer_state: dict,
     keep: int,
 ) -> Path:
+    """Rank 0 only. `rng_state`: one dict per rank (or one dict for a single process)."""
+    rng_states = [rng_state] if isinstance(rng_state, dict) else list(rng_state)
+    # Resuming needs the same number of processes: each rank restores its own RNG stream.
+    trainer_state = {**trainer_state, "world_size": len(rng_states)}
     root = checkpoints_dir(output_dir)
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(".tmp-checkpoint-*"):
@@ -73,7 +77,7 @@ def save_checkpoint(
             adapter_config,
             optimizer_state,
             scheduler_state,
-            rng_state,
+            rng_states,
             trainer_state,
         )
     except Exception as e:  # noqa: BLE001 - torch/safetensors report a full disk in many types
@@ -119,7 +123,7 @@ def _write_checkpoint_files(
     adapter_config,
     optimizer_state,
     scheduler_state,
-    rng_state,
+    rng_states,
     trainer_state,
 ) -> None:
     tmp.mkdir()
@@ -131,7 +135,8 @@ def _write_checkpoint_files(
     (tmp / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2, default=str))
     torch.save(optimizer_state, tmp / "optimizer.pt")
     torch.save(scheduler_state, tmp / "scheduler.pt")
-    save_file({k: v.contiguous() for k, v in rng_state.items()}, str(tmp / "rng_state.safetensors"))
+    for rank, state in enumerate(rng_states):
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / rng_file(rank)))
     (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2, default=str))
     _fsync_tree(tmp)
     # Fault-injection hook (tests/test_fault_injection.py): hold the folder in its most
@@ -168,8 +173,18 @@ def prune(root: Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def load_checkpoint(path: Path) -> dict:
+def rng_file(rank: int) -> str:
+    return f"rng_state_rank{rank}.safetensors"
+
+
+def load_checkpoint(path: Path, rank: int = 0) -> dict:
+    """Everything a resume needs; `rng` is this rank's own RNG state (None when the
+    checkpoint has none for this rank: it was written by fewer processes)."""
     path = Path(path)
+    rng_path = path / rng_file(rank)
+    if not rng_path.is_file():
+        # Checkpoints from before per-rank RNG files held rank 0's state only.
+        rng_path = path / "rng_state.safetensors" if rank == 0 else rng_path
 
     def plain(name: str):
         try:
@@ -185,21 +200,47 @@ def load_checkpoint(path: Path) -> dict:
         "adapter": load_file(str(path / "adapter_model.safetensors")),
         "optimizer": plain("optimizer.pt"),
         "scheduler": plain("scheduler.pt"),
-        "rng": load_file(str(path / "rng_state.safetensors")),
+        "rng": load_file(str(rng_path)) if rng_path.is_file() else None,
         "trainer_state": json.loads((path / "trainer_state.json").read_text()),
     }
 
 
 def rng_state() -> dict[str, torch.Tensor]:
+    """This process's torch (+ CUDA), numpy and Python RNG states, as tensors (safetensors
+    stores them without pickle)."""
+    import random
+
+    import numpy as np
+
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             state[f"cuda{i}"] = torch.cuda.get_rng_state(i)
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    state["numpy"] = torch.tensor([*keys.tolist(), pos, has_gauss], dtype=torch.int64)
+    version, internal, py_gauss = random.getstate()
+    state["python"] = torch.tensor([version, *internal], dtype=torch.int64)
+    nan = float("nan")
+    state["gauss"] = torch.tensor(
+        [gauss, nan if py_gauss is None else py_gauss], dtype=torch.float64
+    )
     return state
 
 
-def set_rng_state(state: dict[str, torch.Tensor]) -> None:
+def set_rng_state(state: dict[str, torch.Tensor] | None) -> None:
+    if state is None:  # no state saved for this rank (see load_checkpoint)
+        return
+    import random
+
+    import numpy as np
+
     torch.set_rng_state(state["torch"])
     for key, value in state.items():
         if key.startswith("cuda") and torch.cuda.is_available():
             torch.cuda.set_rng_state(value, int(key[4:]))
+    if "numpy" in state:  # older checkpoints saved torch's state only
+        np_gauss, py_gauss = state["gauss"].tolist()
+        *keys, pos, has_gauss = state["numpy"].tolist()
+        np.random.set_state(("MT19937", np.array(keys, dtype=np.uint32), pos, has_gauss, np_gauss))
+        version, *internal = state["python"].tolist()
+        random.setstate((version, tuple(internal), None if py_gauss != py_gauss else py_gauss))

@@ -202,6 +202,10 @@ class FinetuneConfig:
     gradient_checkpointing: bool = _training(
         False, "Recompute activations in the backward pass: less memory, ~30% slower."
     )
+    fsdp: bool = _training(
+        False,
+        "Under torchrun: shard the model across the processes with FSDP2 (fully_shard per decoder layer, the frozen base and the LoRA weights), as `accelerate launch --config_file configs/fsdp2.yaml` does. A resume needs the same number of processes.",
+    )
     group_by_length: bool = _training(
         False,
         "Batch rows of similar length together (less padding when --packing false).",

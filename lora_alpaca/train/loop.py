@@ -26,6 +26,7 @@ from lora_alpaca.errors import UsageError
 from lora_alpaca.log import log
 from lora_alpaca.progress import duration, run_estimate, step_bar
 from lora_alpaca.train import checkpoint as ckpt
+from lora_alpaca.train import distributed
 from lora_alpaca.train.config import RESUME_KEYS, FinetuneConfig
 from lora_alpaca.train.faults import Faults
 from lora_alpaca.train.step import (
@@ -173,21 +174,23 @@ def _setup_optimizer(cfg: FinetuneConfig, peft_model, plan: Plan):
 
 
 def _restore(resume: dict | None, peft_model, optimizer, scheduler) -> Position:
-    """The checkpoint's adapter, optimizer, schedule, RNG and position (before prepare())."""
+    """The checkpoint's adapter, schedule, RNG and position (before prepare(): FSDP shards
+    the adapter there; the optimizer state is restored after it, in _setup_stepper)."""
     if not resume:
         return Position()
     from peft import set_peft_model_state_dict
 
     set_peft_model_state_dict(peft_model, resume["adapter"])
-    optimizer.load_state_dict(resume["optimizer"])
     scheduler.load_state_dict(resume["scheduler"])
     ckpt.set_rng_state(resume["rng"])
     return Position.from_state(resume["trainer_state"])
 
 
-def _setup_stepper(cfg, accelerator, peft_model, trainable, optimizer, scheduler, precision,
-                   pad_token_id) -> Stepper:  # fmt: skip
+def _setup_stepper(cfg, accelerator, peft_model, optimizer, scheduler, precision,
+                   pad_token_id, resume) -> Stepper:  # fmt: skip
     module, optimizer = accelerator.prepare(LossModule(peft_model, cfg.loss_chunk_size), optimizer)
+    if resume:  # under FSDP each rank takes its shard of the saved (whole) state
+        distributed.load_optimizer_state(peft_model, optimizer, resume["optimizer"], accelerator)
     autocast = (
         (lambda: torch.autocast(accelerator.device.type, dtype=precision.autocast))
         if precision.autocast
@@ -195,21 +198,25 @@ def _setup_stepper(cfg, accelerator, peft_model, trainable, optimizer, scheduler
     )
     # One code path for every precision: disabled (not fp16) the scaler is a no-op.
     scaler = torch.amp.GradScaler(accelerator.device.type, enabled=precision.label == "fp16")
-    return Stepper(accelerator, module, optimizer, scheduler, scaler, autocast, trainable,
-                   cfg.max_grad_norm, cfg.packing, pad_token_id)  # fmt: skip
+    # Clipping takes the prepared module's parameters: FSDP2 replaced them with sharded
+    # ones (the pre-prepare list would have no gradients, and nothing would be clipped).
+    return Stepper(accelerator, module, optimizer, scheduler, scaler, autocast,
+                   list(module.parameters()), cfg.max_grad_norm, cfg.packing, pad_token_id)  # fmt: skip
 
 
 def _save(cfg, s: Stepper, peft_model, pos: Position, total_steps: int, data_fp: str, log, bar):
-    from lora_alpaca.train.lora_setup import lora_state_dict
-
+    # Collectives first, on every rank: FSDP shards gathered, each rank's own RNG state.
+    adapter = distributed.adapter_state(peft_model, s.accelerator)
+    optim_state = distributed.optimizer_state(peft_model, s.optimizer, s.accelerator)
+    rng = distributed.gather_rng_states(s.accelerator, ckpt.rng_state())
     if not s.accelerator.is_main_process:
         return
     state = {**asdict(pos), "total_steps": total_steps,
              "resume_fingerprint": resume_fingerprint(cfg, data_fp)}  # fmt: skip
     path = ckpt.save_checkpoint(
-        Path(cfg.output_dir), pos.global_step, lora_state_dict(peft_model),
-        peft_model.peft_config["default"].to_dict(), s.optimizer.state_dict(),
-        s.scheduler.state_dict(), ckpt.rng_state(), state, cfg.save_total_limit,
+        Path(cfg.output_dir), pos.global_step, adapter,
+        peft_model.peft_config["default"].to_dict(), optim_state,
+        s.scheduler.state_dict(), rng, state, cfg.save_total_limit,
     )  # fmt: skip
     log(f"checkpoint saved: {path}", bar)
 
@@ -283,7 +290,7 @@ def train_loop(
     plan = _setup_plan(cfg, len(train_rows), accelerator.num_processes, log)
     trainable, optimizer, scheduler = _setup_optimizer(cfg, peft_model, plan)
     pos = _restore(resume, peft_model, optimizer, scheduler)
-    s = _setup_stepper(cfg, accelerator, peft_model, trainable, optimizer, scheduler, precision, pad_token_id)  # fmt: skip
+    s = _setup_stepper(cfg, accelerator, peft_model, optimizer, scheduler, precision, pad_token_id, resume)  # fmt: skip
     total, lengths, windows = plan.total_steps, [len(r["input_ids"]) for r in train_rows], {}
     log(f"training: {len(train_rows)} rows, {plan.steps_per_epoch} steps/epoch, {total} steps of {cfg.batch_size} rows "
         f"({cfg.micro_batch_size} x {plan.accum} accumulation x {accelerator.num_processes} process(es)), dtype "

@@ -140,13 +140,16 @@ def load_adapter_weights(peft_model, adapter_dir: str) -> None:
     set_peft_model_state_dict(peft_model, state)
 
 
-def lora_state_dict(peft_model) -> dict[str, torch.Tensor]:
+def lora_state_dict(peft_model, state_dict=None) -> dict[str, torch.Tensor]:
+    """`state_dict`: the model's weights gathered whole, when they are sharded (FSDP)."""
     from peft import get_peft_model_state_dict
 
-    return get_peft_model_state_dict(peft_model)
+    return get_peft_model_state_dict(peft_model, state_dict=state_dict)
 
 
-def verify_saved_adapter(peft_model, adapter_dir: Path, expect_trained: bool) -> dict:
+def verify_saved_adapter(
+    peft_model, adapter_dir: Path, expect_trained: bool, state_dict=None
+) -> dict:
     """Read the saved adapter back and check it is the one in memory, and not empty."""
     from peft.tuners.lora import LoraLayer
     from safetensors.torch import load_file
@@ -155,7 +158,7 @@ def verify_saved_adapter(peft_model, adapter_dir: Path, expect_trained: bool) ->
     if not path.is_file():
         raise RuntimeError(f"adapter check failed: {path} was not written")
     saved = load_file(str(path))
-    memory = lora_state_dict(peft_model)
+    memory = lora_state_dict(peft_model, state_dict)
     problems = []
     if set(saved) != set(memory):
         problems.append(f"{len(set(memory) ^ set(saved))} tensors differ between file and model")

@@ -67,8 +67,11 @@ def write_final_outputs(
     run_info: dict,
     history: list[dict],
     eval_history: list[dict],
+    state_dict: dict | None = None,
 ) -> None:
-    """Write everything into a temp folder, then move it in; the manifest goes last, so
+    """`state_dict`: the whole trainable weights when the model is sharded (FSDP).
+
+    Write everything into a temp folder, then move it in; the manifest goes last, so
     its presence means the output folder is complete."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -76,7 +79,10 @@ def write_final_outputs(
         shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-final-", dir=output_dir))
     try:
-        peft_model.save_pretrained(tmp, safe_serialization=True)
+        if state_dict is None:
+            peft_model.save_pretrained(tmp, safe_serialization=True)
+        else:
+            peft_model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
         # Our own card, not peft's template of "[More Information Needed]".
         (tmp / "README.md").write_text(adapter_card(output_dir, manifest, run_info))

@@ -20,6 +20,7 @@ from lora_alpaca.log import log
 from lora_alpaca.progress import human_summary
 from lora_alpaca.runlock import RunLock, lock_holder, overwrite_problem, remove_run_folder_contents
 from lora_alpaca.train import checkpoint as ckpt
+from lora_alpaca.train import distributed
 from lora_alpaca.train.config import LORA_KEYS, FinetuneConfig, validate
 
 
@@ -226,42 +227,41 @@ def preflight_output_dir(cfg: FinetuneConfig, output_dir: Path) -> None:
 
 def _setup_accelerator(cfg: FinetuneConfig):
     """Accelerator (processes, device), quantization and precision."""
-    from accelerate import Accelerator
-
     from lora_alpaca.models import resolve_precision
 
-    # cpu=True on machines without a GPU: otherwise accelerate ignores torchrun's WORLD_SIZE
-    # on CPU and every process trains alone.
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    accelerator = distributed.make_accelerator(cfg.fsdp)  # DDP, or FSDP2 (config / --fsdp)
     device = accelerator.device
     quantization = (
         cfg.quantization
         if cfg.quantization != "auto"
         else ("8bit" if device.type == "cuda" else "none")
     )
+    quantization = distributed.check_quantization(accelerator, cfg.quantization, quantization)
     precision = resolve_precision(cfg.dtype, device, quantization)
     return accelerator, quantization, precision
 
 
-def _setup_model(cfg: FinetuneConfig, ref, precision, quantization, device):
+def _setup_model(cfg: FinetuneConfig, ref, precision, quantization, accelerator):
     """The base model and its LoRA layers."""
     from lora_alpaca.models import load_model
     from lora_alpaca.train.lora_setup import add_lora
 
-    model = load_model(ref, precision, quantization, device, cfg.trust_remote_code)
+    model = load_model(ref, precision, quantization, accelerator.device, cfg.trust_remote_code)
+    distributed.set_wrap_classes(accelerator, model)
     torch.manual_seed(cfg.seed)  # LoRA init and dropout are repeatable
     return model, add_lora(model, cfg, quantized=quantization != "none")
 
 
-def _setup_resume(cfg: FinetuneConfig, resume_path: Path | None, data_fp: str) -> dict | None:
+def _setup_resume(cfg: FinetuneConfig, resume_path: Path | None, data_fp: str, accelerator):
     """The checkpoint to resume from, refused if data or settings changed (before the model
     loads: a refusal costs nothing)."""
     from lora_alpaca.train.loop import check_resume, resume_fingerprint
 
     if not resume_path:
         return None
-    resume = ckpt.load_checkpoint(resume_path)
+    resume = ckpt.load_checkpoint(resume_path, accelerator.process_index)  # this rank's RNG
     saved = resume["trainer_state"]
+    distributed.check_world_size(saved, accelerator.num_processes, cfg.force_resume)
     check_resume(saved["resume_fingerprint"], resume_fingerprint(cfg, data_fp), cfg.force_resume)
     log(f"resuming from {resume_path} (step {saved['global_step']})")
     return resume
@@ -284,8 +284,8 @@ def _train_locked(
     from lora_alpaca.train.outputs import output_dir_problem
 
     accelerator, quantization, precision = _setup_accelerator(cfg)
-    resume = _setup_resume(cfg, resume_path, prepared.fingerprint)
-    model, peft_model = _setup_model(cfg, ref, precision, quantization, accelerator.device)
+    resume = _setup_resume(cfg, resume_path, prepared.fingerprint, accelerator)
+    model, peft_model = _setup_model(cfg, ref, precision, quantization, accelerator)
     # Every input check has passed: lock the folder before the first write to it (the
     # lock creates it), so two runs started at once cannot both write there.
     if lock is not None:
@@ -329,18 +329,24 @@ def _train_locked(
         log(f"last good checkpoint: {last or 'none yet'}")
         return 3
 
-    # ---- cleanup: only the main process writes; the adapter is read back and checked
+    # ---- cleanup: only the main process writes; the adapter is read back and checked.
+    # Under FSDP the LoRA weights are sharded: gathered whole to rank 0 (collective), so
+    # the adapter written is a plain PEFT adapter that loads on one device.
+    full = (
+        distributed.full_trainable_state(peft_model) if distributed.is_fsdp(accelerator) else None
+    )
     if accelerator.is_main_process:
         _write_outputs(cfg, started, output_dir, template, ref, tokenizer, prepared, renderer,
                        accelerator, model, peft_model, quantization, precision, pos,
-                       len(train_rows), len(val_rows))  # fmt: skip
+                       len(train_rows), len(val_rows), full)  # fmt: skip
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return 0
 
 
 def _write_outputs(cfg, started, output_dir, template, ref, tokenizer, prepared, renderer,
-                   accelerator, model, peft_model, quantization, precision, pos, n_train, n_val):  # fmt: skip
+                   accelerator, model, peft_model, quantization, precision, pos, n_train, n_val,
+                   full=None):  # fmt: skip
     """The final adapter folder (manifest, run.json, card), read back and checked."""
     from lora_alpaca.models import config_fingerprint
     from lora_alpaca.runfolder import build_manifest
@@ -386,6 +392,7 @@ def _write_outputs(cfg, started, output_dir, template, ref, tokenizer, prepared,
         },
         "seed": cfg.seed,
         "world_size": accelerator.num_processes,
+        "sharding": "fsdp2" if distributed.is_fsdp(accelerator) else None,
         "device": str(accelerator.device),
         "quantization": quantization,
         "dtype": precision.label,
@@ -399,10 +406,9 @@ def _write_outputs(cfg, started, output_dir, template, ref, tokenizer, prepared,
         "history": pos.history,
         "eval_history": pos.eval_history,
     }
-    write_final_outputs(
-        output_dir, peft_model, tokenizer, manifest, run_info, pos.history, pos.eval_history
-    )
-    check = verify_saved_adapter(peft_model, output_dir, expect_trained=pos.global_step > 0)
+    write_final_outputs(output_dir, peft_model, tokenizer, manifest, run_info, pos.history,
+                        pos.eval_history, state_dict=full)  # fmt: skip
+    check = verify_saved_adapter(peft_model, output_dir, pos.global_step > 0, state_dict=full)
     log(
         f"adapter verified: {check['lora_modules']} LoRA modules, {check['nonzero_lora_B']} trained lora_B, {check['bytes']:,} bytes"
     )

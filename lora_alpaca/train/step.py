@@ -46,7 +46,7 @@ class Stepper:
     scheduler: object
     scaler: torch.amp.GradScaler
     autocast: object  # () -> context manager
-    trainable: list
+    clip_params: list  # the prepared module's parameters (sharded under FSDP2)
     max_grad_norm: float
     packing: bool
     pad_token_id: int
@@ -76,7 +76,7 @@ class Stepper:
         """Unscale, clip, step, schedule; returns the learning rate the step used."""
         self.scaler.unscale_(self.optimizer)
         if self.max_grad_norm > 0:
-            self.accelerator.clip_grad_norm_(self.trainable, self.max_grad_norm)
+            self.accelerator.clip_grad_norm_(self.clip_params, self.max_grad_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         lr = self.scheduler.get_last_lr()[0]
@@ -163,7 +163,12 @@ def time_one_micro_batch(stepper: Stepper, rows: list[dict]) -> float:
 
     saved = rng_state()
     started = time.perf_counter()
-    with stepper.accelerator.no_sync(stepper.module):  # no gradient all-reduce
+    # No gradient all-reduce under DDP. Not under FSDP2: there no_sync keeps the gradient in
+    # an unsharded buffer that zero_grad does not clear, and the next step would add it in.
+    from accelerate.utils import DistributedType
+
+    fsdp = stepper.accelerator.distributed_type == DistributedType.FSDP
+    with contextlib.nullcontext() if fsdp else stepper.accelerator.no_sync(stepper.module):
         with stepper.autocast():
             loss = stepper.module(**stepper.batch(rows))
         loss.backward()
