@@ -49,6 +49,9 @@ def test_finetune_stderr_is_clean_and_readable(tiny_run):
     assert any(
         re.fullmatch(r"tokenized 48 rows in \d+\.\d s \([\d,]+ rows/s\)", x) for x in lines
     ), err[-3000:]
+    # Saving the adapter opens and closes with a line of its own.
+    save = next(i for i, x in enumerate(lines) if x.startswith("saving the adapter, tokenizer"))
+    assert re.fullmatch(r"saved in \d[^ ]* (s|min.*)", lines[save + 1]), lines[save : save + 2]
     # The pre-training evaluation has its own line before it runs, and its result its own.
     start = next(i for i, x in enumerate(lines) if x.startswith("evaluating on 8 validation rows"))
     assert re.fullmatch(

@@ -349,6 +349,7 @@ def _write_outputs(cfg, started, output_dir, template, ref, tokenizer, prepared,
                    full=None):  # fmt: skip
     """The final adapter folder (manifest, run.json, card), read back and checked."""
     from lora_alpaca.models import config_fingerprint
+    from lora_alpaca.progress import stage
     from lora_alpaca.runfolder import build_manifest
     from lora_alpaca.train.lora_setup import verify_saved_adapter
     from lora_alpaca.train.outputs import library_versions, write_final_outputs
@@ -406,8 +407,9 @@ def _write_outputs(cfg, started, output_dir, template, ref, tokenizer, prepared,
         "history": pos.history,
         "eval_history": pos.eval_history,
     }
-    write_final_outputs(output_dir, peft_model, tokenizer, manifest, run_info, pos.history,
-                        pos.eval_history, state_dict=full)  # fmt: skip
+    with stage(f"saving the adapter, tokenizer, card and loss curve to {output_dir}", "saved"):
+        write_final_outputs(output_dir, peft_model, tokenizer, manifest, run_info, pos.history,
+                            pos.eval_history, state_dict=full)  # fmt: skip
     check = verify_saved_adapter(peft_model, output_dir, pos.global_step > 0, state_dict=full)
     log(
         f"adapter verified: {check['lora_modules']} LoRA modules, {check['nonzero_lora_B']} trained lora_B, {check['bytes']:,} bytes"
