@@ -33,10 +33,17 @@ def human_summary(
 
 
 def run_estimate(
-    step_s: float, step: int, total_steps: int, eval_s: float, eval_steps: int, on_gpu: bool
+    step_s: float,
+    step: int,
+    total_steps: int,
+    eval_s: float,
+    eval_steps: int,
+    on_gpu: bool,
+    tok_s: float = 0.0,
 ) -> str:
-    """The rest of the run's expected length, from the first optimizer step and the timed
-    evaluation (evaluations every `eval_steps` and at the end), with what would change it."""
+    """The rest of the run's expected length, printed before training: from a timed
+    forward+backward (`step_s` per optimizer step, `tok_s` tokens/s) and the timed evaluation
+    (evaluations every `eval_steps` and at the end), with what would change it."""
     steps_left = total_steps - step
     evals_left = 0
     if eval_steps and eval_s:  # eval_steps 0: no validation rows, so no evaluations
@@ -44,6 +51,8 @@ def run_estimate(
         evals_left = len(evals)
     total = step_s * steps_left + eval_s * evals_left
     line = f"estimate: {duration(total)} for the remaining {steps_left} step(s) at {duration(step_s)}/step"
+    if tok_s:
+        line += f" (~{tok_s:,.0f} tokens/s)"
     if evals_left:
         line += f" + {evals_left} evaluation(s) of ~{duration(eval_s)}"
     line += "; --max_steps N caps the steps"

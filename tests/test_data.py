@@ -597,16 +597,15 @@ def test_small_data_shrinks_val_with_a_warning(tmp_path, tok, capsys):
 
 
 @settings(max_examples=40, deadline=None)
-@given(
-    groups=st.lists(st.integers(0, 30), min_size=1, max_size=120),
-    val=st.integers(0, 60),
-    seed=st.integers(0, 3),
-)
-def test_split_keeps_duplicate_groups_on_one_side(groups, val, seed):
-    train, val_idx = split_indices(groups, val, seed)
-    assert sorted(np.concatenate([train, val_idx]).tolist()) == list(range(len(groups)))
-    assert not {groups[i] for i in train} & {groups[i] for i in val_idx}
-    assert len(val_idx) >= min(val, len(groups)) or len(train) == 0
+@given(n=st.integers(1, 120), val=st.integers(0, 60), seed=st.integers(0, 3))
+def test_split_is_a_seeded_partition(n, val, seed):
+    train, val_idx = split_indices(n, val, seed)
+    assert sorted(np.concatenate([train, val_idx]).tolist()) == list(range(n))
+    assert not set(train.tolist()) & set(val_idx.tolist())
+    assert len(val_idx) == min(val, n)
+    assert list(train) == sorted(train) and list(val_idx) == sorted(val_idx)
+    again = split_indices(n, val, seed)
+    assert (again[0] == train).all() and (again[1] == val_idx).all()
 
 
 def test_cache_hit_and_invalidation(tmp_path, tok):

@@ -60,9 +60,12 @@ def test_finetune_stderr_is_clean_and_readable(tiny_run):
     assert re.fullmatch(
         r"step 0/\d+ \| eval loss \d+\.\d{4} \(before training, \d+ s\)", lines[start + 1]
     )
-    # An estimate of the whole run comes after the first optimizer step, before the rest.
+    # An estimate of the whole run comes after the first evaluation, before the first step.
     est = next(i for i, x in enumerate(lines) if x.startswith("estimate: "))
     assert "--max_steps" in lines[est] and est > start
+    assert re.search(r"tokens/s\)", lines[est]), lines[est]
+    first = next(i for i, x in enumerate(lines) if re.match(r"step [1-9]\d*/\d+ \| loss ", x))
+    assert est < first, lines[est : first + 1]
     done = next(x for x in lines if x.startswith("done: "))
     assert re.search(r"train loss \d\.\d{0,3}\d?(e-\d+)?, held-out loss ", done), done
     assert not re.search(r"\d\.\d{6,}", done), done  # no raw floats

@@ -47,20 +47,11 @@ class PreparedData:
     renderer: Any = None
 
 
-def split_indices(groups: list[int], val_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Random train/val row indices with a fixed seed; rows sharing a group id (exact
-    duplicates) always land on the same side, so validation never leaks into training."""
-    groups_arr = np.asarray(groups)
-    unique = np.unique(groups_arr)
-    order = np.random.default_rng(seed).permutation(unique)
-    sizes = np.bincount(np.searchsorted(unique, groups_arr), minlength=len(unique))
-    sizes = sizes[np.searchsorted(unique, order)]
-    n_val_groups = (
-        int(np.searchsorted(np.cumsum(sizes), val_size, side="left")) + 1 if val_size else 0
-    )
-    val_groups = order[: min(n_val_groups, len(order))]
-    is_val = np.isin(groups_arr, val_groups)
-    return np.flatnonzero(~is_val), np.flatnonzero(is_val)
+def split_indices(n_rows: int, val_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Random train/val row indices (each sorted) with a fixed seed. Duplicates were removed
+    (or refused) before the split, so no held-out row also sits in training."""
+    order = np.random.default_rng(seed).permutation(n_rows)
+    return np.sort(order[val_size:]), np.sort(order[:val_size])
 
 
 def effective_val_size(requested: float, n_rows: int) -> tuple[int, str | None]:
@@ -205,10 +196,7 @@ def keep_and_split(
     val_size, note = effective_val_size(opts.val_set_size, len(keep))
     if note:
         audit.notes.append(note)
-    # Duplicates were removed (or refused) before, so every row is its own group.
-    train_idx, val_idx = split_indices(list(range(len(keep))), val_size, opts.seed)
-    train_idx.sort()
-    val_idx.sort()
+    train_idx, val_idx = split_indices(len(keep), val_size, opts.seed)
     audit.train_rows, audit.val_rows = len(train_idx), len(val_idx)
     return keep, train_idx, val_idx
 

@@ -44,13 +44,12 @@ def publish(tmp: Path, output_dir: str) -> Path:
     return out
 
 
-def generation_config_for(info: AdapterInfo, tokenizer):
+def generation_config_for(tokenizer):
     from transformers import GenerationConfig
 
-    eos = [tokenizer.eos_token_id]
     return GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=eos if len(eos) > 1 else eos[0],
+        eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         # No `stop_strings` here: transformers then demands `tokenizer=` in every
         # generate() call, which breaks plain `model.generate(**tok(...))` and pipelines.
@@ -67,7 +66,7 @@ def write_hf_folder(
     """
     merged.to(DTYPES[dtype])
     merged.config.dtype = DTYPES[dtype]
-    merged.generation_config = generation_config_for(info, tokenizer)
+    merged.generation_config = generation_config_for(tokenizer)
     try:
         merged.save_pretrained(out, max_shard_size=max_shard_size)
     except ValueError as e:

@@ -220,24 +220,11 @@ def preflight_output_dir(cfg: FinetuneConfig, output_dir: Path) -> None:
     check_writable_dir("--output_dir", output_dir)
 
 
-def _train_locked(
-    cfg, started, output_dir, resume_path, template, ref, tokenizer, prepared, renderer, lock
-) -> int:
-    """Model, lock on the output folder, training, final outputs."""
+def _setup_accelerator(cfg: FinetuneConfig):
+    """Accelerator (processes, device), quantization and precision."""
     from accelerate import Accelerator
 
-    from lora_alpaca.models import config_fingerprint, load_model, resolve_precision
-    from lora_alpaca.runfolder import build_manifest
-    from lora_alpaca.train.loop import (
-        DiskFull,
-        InterruptedTraining,
-        TrainingStopped,
-        check_resume,
-        resume_fingerprint,
-        train_loop,
-    )
-    from lora_alpaca.train.lora_setup import add_lora, verify_saved_adapter
-    from lora_alpaca.train.outputs import library_versions, output_dir_problem, write_final_outputs
+    from lora_alpaca.models import resolve_precision
 
     # cpu=True on machines without a GPU: otherwise accelerate ignores torchrun's WORLD_SIZE
     # on CPU and every process trains alone.
@@ -249,18 +236,52 @@ def _train_locked(
         else ("8bit" if device.type == "cuda" else "none")
     )
     precision = resolve_precision(cfg.dtype, device, quantization)
-    resume = ckpt.load_checkpoint(resume_path) if resume_path else None
-    data_fp = prepared.fingerprint
-    if resume:
-        check_resume(
-            resume["trainer_state"]["resume_fingerprint"],
-            resume_fingerprint(cfg, data_fp),
-            cfg.force_resume,
-        )
-        log(f"resuming from {resume_path} (step {resume['trainer_state']['global_step']})")
+    return accelerator, quantization, precision
+
+
+def _setup_model(cfg: FinetuneConfig, ref, precision, quantization, device):
+    """The base model and its LoRA layers."""
+    from lora_alpaca.models import load_model
+    from lora_alpaca.train.lora_setup import add_lora
+
     model = load_model(ref, precision, quantization, device, cfg.trust_remote_code)
     torch.manual_seed(cfg.seed)  # LoRA init and dropout are repeatable
-    peft_model = add_lora(model, cfg, quantized=quantization != "none")
+    return model, add_lora(model, cfg, quantized=quantization != "none")
+
+
+def _setup_resume(cfg: FinetuneConfig, resume_path: Path | None, data_fp: str) -> dict | None:
+    """The checkpoint to resume from, refused if data or settings changed (before the model
+    loads: a refusal costs nothing)."""
+    from lora_alpaca.train.loop import check_resume, resume_fingerprint
+
+    if not resume_path:
+        return None
+    resume = ckpt.load_checkpoint(resume_path)
+    saved = resume["trainer_state"]
+    check_resume(saved["resume_fingerprint"], resume_fingerprint(cfg, data_fp), cfg.force_resume)
+    log(f"resuming from {resume_path} (step {saved['global_step']})")
+    return resume
+
+
+def _setup_data(prepared) -> tuple[list[dict], list[dict]]:
+    def rows(ds) -> list[dict]:
+        if ds is None:
+            return []
+        return [{"input_ids": i, "labels": lab} for i, lab in zip(ds["input_ids"], ds["labels"])]
+
+    return rows(prepared.train), rows(prepared.val)
+
+
+def _train_locked(
+    cfg, started, output_dir, resume_path, template, ref, tokenizer, prepared, renderer, lock
+) -> int:
+    """Model, lock on the output folder, training, final outputs."""
+    from lora_alpaca.train.loop import DiskFull, InterruptedTraining, TrainingStopped, train_loop
+    from lora_alpaca.train.outputs import output_dir_problem
+
+    accelerator, quantization, precision = _setup_accelerator(cfg)
+    resume = _setup_resume(cfg, resume_path, prepared.fingerprint)
+    model, peft_model = _setup_model(cfg, ref, precision, quantization, accelerator.device)
     # Every input check has passed: lock the folder before the first write to it (the
     # lock creates it), so two runs started at once cannot both write there.
     if lock is not None:
@@ -275,18 +296,7 @@ def _train_locked(
         log(f"--overwrite_output_dir: deleting the previous run in {output_dir}")
         remove_run_folder_contents(output_dir)
     accelerator.wait_for_everyone()
-    train_rows = [
-        {"input_ids": i, "labels": lab}
-        for i, lab in zip(prepared.train["input_ids"], prepared.train["labels"])
-    ]
-    val_rows = (
-        []
-        if prepared.val is None
-        else [
-            {"input_ids": i, "labels": lab}
-            for i, lab in zip(prepared.val["input_ids"], prepared.val["labels"])
-        ]
-    )
+    train_rows, val_rows = _setup_data(prepared)
     sink = metrics_sink(cfg, output_dir) if accelerator.is_main_process else None
 
     # ---- train
@@ -295,18 +305,9 @@ def _train_locked(
         resume_cmd += " --resume_from_checkpoint auto"
     try:
         pos = train_loop(
-            cfg,
-            accelerator,
-            peft_model,
-            train_rows,
-            val_rows,
-            precision,
-            tokenizer.pad_token_id,
-            data_fp,
-            resume,
-            log,
-            sink,
-        )
+            cfg, accelerator, peft_model, train_rows, val_rows, precision,
+            tokenizer.pad_token_id, prepared.fingerprint, resume, log, sink,
+        )  # fmt: skip
     except InterruptedTraining as e:
         last = ckpt.find_latest(output_dir)
         log(f"interrupted at step {e.position.global_step}; checkpoint and adapter so far: {last}")
@@ -326,68 +327,81 @@ def _train_locked(
 
     # ---- cleanup: only the main process writes; the adapter is read back and checked
     if accelerator.is_main_process:
-        final_train = pos.history[-1]["loss"] if pos.history else None
-        final_eval = pos.eval_history[-1]["eval_loss"] if pos.eval_history else None
-        lora = {k: getattr(cfg, k) for k in LORA_KEYS}
-        manifest = build_manifest(
-            base_model_name=ref.name,
-            base_model_path=ref.path,
-            base_config_fingerprint=config_fingerprint(model.config),
-            model_type=model.config.model_type,
-            template=template,
-            tokenizer=tokenizer,
-            train_on_inputs=cfg.train_on_inputs,
-            add_eos_token=cfg.add_eos_token,
-            cutoff_len=cfg.cutoff_len,
-            quantization=quantization,
-            dtype=precision.label,
-            lora=lora,
-        )
-        manifest["data_format"] = prepared.audit.conversation.get("format", "alpaca")
-        manifest["chat_template"] = renderer.to_manifest()
-        tokenizer.chat_template = renderer.jinja_source  # saved with the adapter
-        run_info = {
-            "config": cfg.to_dict(),
-            "versions": library_versions(),
-            "data": {
-                "path": str(expand_user(cfg.data).resolve())
-                if expand_user(cfg.data).exists()
-                else cfg.data,
-                "fingerprint": data_fp,
-                "train_rows": len(train_rows),
-                "val_rows": len(val_rows),
-                "val_sample": val_sample(cfg, prepared),
-            },
-            "audit": {
-                k: getattr(prepared.audit, k)
-                for k in ("rows_read", "rows_kept", "skipped", "truncated_rows")
-                + ("total_tokens", "supervised_tokens")
-            },
-            "seed": cfg.seed,
-            "world_size": accelerator.num_processes,
-            "device": str(device),
-            "quantization": quantization,
-            "dtype": precision.label,
-            "steps": pos.global_step,
-            "wall_time_s": round(time.time() - started, 2),
-            "train_time_s": round(pos.wall_time_s, 2),
-            "tokens_seen": pos.tokens_seen,
-            "tokens_per_s": round(pos.tokens_this_run / max(pos.wall_time_s, 1e-9), 1),
-            "final_train_loss": final_train,
-            "final_eval_loss": final_eval,
-            "history": pos.history,
-            "eval_history": pos.eval_history,
-        }
-        write_final_outputs(
-            output_dir, peft_model, tokenizer, manifest, run_info, pos.history, pos.eval_history
-        )
-        check = verify_saved_adapter(peft_model, output_dir, expect_trained=pos.global_step > 0)
-        log(
-            f"adapter verified: {check['lora_modules']} LoRA modules, {check['nonzero_lora_B']} trained lora_B, {check['bytes']:,} bytes"
-        )
-        log(
-            f"done: {output_dir} ({human_summary(final_train, final_eval, run_info['tokens_per_s'], run_info.get('wall_time_s'))})"
-        )
+        _write_outputs(cfg, started, output_dir, template, ref, tokenizer, prepared, renderer,
+                       accelerator, model, peft_model, quantization, precision, pos,
+                       len(train_rows), len(val_rows))  # fmt: skip
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return 0
+
+
+def _write_outputs(cfg, started, output_dir, template, ref, tokenizer, prepared, renderer,
+                   accelerator, model, peft_model, quantization, precision, pos, n_train, n_val):  # fmt: skip
+    """The final adapter folder (manifest, run.json, card), read back and checked."""
+    from lora_alpaca.models import config_fingerprint
+    from lora_alpaca.runfolder import build_manifest
+    from lora_alpaca.train.lora_setup import verify_saved_adapter
+    from lora_alpaca.train.outputs import library_versions, write_final_outputs
+
+    final_train = pos.history[-1]["loss"] if pos.history else None
+    final_eval = pos.eval_history[-1]["eval_loss"] if pos.eval_history else None
+    lora = {k: getattr(cfg, k) for k in LORA_KEYS}
+    manifest = build_manifest(
+        base_model_name=ref.name,
+        base_model_path=ref.path,
+        base_config_fingerprint=config_fingerprint(model.config),
+        model_type=model.config.model_type,
+        template=template,
+        tokenizer=tokenizer,
+        train_on_inputs=cfg.train_on_inputs,
+        add_eos_token=cfg.add_eos_token,
+        cutoff_len=cfg.cutoff_len,
+        quantization=quantization,
+        dtype=precision.label,
+        lora=lora,
+    )
+    manifest["data_format"] = prepared.audit.conversation.get("format", "alpaca")
+    manifest["chat_template"] = renderer.to_manifest()
+    tokenizer.chat_template = renderer.jinja_source  # saved with the adapter
+    run_info = {
+        "config": cfg.to_dict(),
+        "versions": library_versions(),
+        "data": {
+            "path": str(expand_user(cfg.data).resolve())
+            if expand_user(cfg.data).exists()
+            else cfg.data,
+            "fingerprint": prepared.fingerprint,
+            "train_rows": n_train,
+            "val_rows": n_val,
+            "val_sample": val_sample(cfg, prepared),
+        },
+        "audit": {
+            k: getattr(prepared.audit, k)
+            for k in ("rows_read", "rows_kept", "skipped", "truncated_rows")
+            + ("total_tokens", "supervised_tokens")
+        },
+        "seed": cfg.seed,
+        "world_size": accelerator.num_processes,
+        "device": str(accelerator.device),
+        "quantization": quantization,
+        "dtype": precision.label,
+        "steps": pos.global_step,
+        "wall_time_s": round(time.time() - started, 2),
+        "train_time_s": round(pos.wall_time_s, 2),
+        "tokens_seen": pos.tokens_seen,
+        "tokens_per_s": round(pos.tokens_this_run / max(pos.wall_time_s, 1e-9), 1),
+        "final_train_loss": final_train,
+        "final_eval_loss": final_eval,
+        "history": pos.history,
+        "eval_history": pos.eval_history,
+    }
+    write_final_outputs(
+        output_dir, peft_model, tokenizer, manifest, run_info, pos.history, pos.eval_history
+    )
+    check = verify_saved_adapter(peft_model, output_dir, expect_trained=pos.global_step > 0)
+    log(
+        f"adapter verified: {check['lora_modules']} LoRA modules, {check['nonzero_lora_B']} trained lora_B, {check['bytes']:,} bytes"
+    )
+    log(
+        f"done: {output_dir} ({human_summary(final_train, final_eval, run_info['tokens_per_s'], run_info.get('wall_time_s'))})"
+    )
