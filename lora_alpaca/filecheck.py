@@ -20,12 +20,20 @@ from lora_alpaca.errors import UsageError
 
 
 def shorten(text: object, limit: int = 200) -> str:
-    """One line, at most `limit` characters, cut at a word boundary with an ellipsis."""
+    """One line, at most `limit` characters (plus " ..."), never cut inside a word: at the
+    last space if that keeps over half, else after the last character that is not a letter
+    or digit (`-`, `_`, `/`, `.` inside a long identifier), else at the last space at all."""
     flat = " ".join(str(text).split())
     if len(flat) <= limit:
         return flat
-    cut = flat[:limit].rsplit(" ", 1)[0]
-    return (cut if len(cut) > limit // 2 else flat[:limit]) + " ..."
+    head = flat[: limit + 1]  # a cut right before a boundary at `limit` keeps the whole word
+    space = head.rfind(" ")
+    if space > limit // 2:
+        return flat[:space] + " ..."
+    mark = max((i for i, c in enumerate(head[:limit]) if not c.isalnum()), default=-1)
+    if mark > limit // 2:
+        return flat[: mark + 1] + " ..."
+    return (flat[:space] if space > 0 else flat[:limit]) + " ..."
 
 
 def loads_json(text: str, where: str):

@@ -142,9 +142,14 @@ def _human(n: float) -> str:
     return f"{n} B"
 
 
-def check_writable_dir(flag: str, folder: Path, need_bytes: int = 0) -> None:
+def check_writable_dir(
+    flag: str,
+    folder: Path,
+    need_bytes: int = 0,
+    need_what: str = "a checkpoint and the final adapter",
+) -> None:
     """The folder exists or can be created, a file can be written in it, and the disk
-    has `need_bytes` free. Writes nothing."""
+    has `need_bytes` free (for `need_what`, named in the error). Writes nothing."""
     folder = expand_user(folder).absolute()
     base = _existing_ancestor(folder)
     if not base.is_dir():
@@ -162,7 +167,7 @@ def check_writable_dir(flag: str, folder: Path, need_bytes: int = 0) -> None:
         if free < need_bytes:
             raise UsageError(
                 f"{flag} {folder}: only {_human(free)} free on the disk holding {base}; "
-                f"this run needs about {_human(need_bytes)} (a checkpoint and the final adapter)"
+                f"this run needs about {_human(need_bytes)} ({need_what})"
             )
 
 
@@ -180,9 +185,11 @@ def check_output_file(
     others: dict[str, str | None] | None = None,
     overwrite: bool = False,
     overwrite_flag: str = "--overwrite_output_file",
+    need_bytes: int = 0,
 ) -> Path:
     """An output file that is safe to write: not an input, not another output, a regular
-    file if it exists (and then only with `overwrite`), in a writable folder."""
+    file if it exists (and then only with `overwrite`), in a writable folder on a disk
+    with `need_bytes` free (an estimate of the file's size)."""
     p = expand_user(path)
     for in_flag, in_path in (inputs or {}).items():
         if in_path and (
@@ -214,7 +221,7 @@ def check_output_file(
         if not base.is_dir():
             raise UsageError(f"{flag} {path}: {base} is a file, not a folder")
         raise UsageError(f"{flag} {path}: folder {str(p.parent)!r} does not exist")
-    check_writable_dir(flag, p.parent)
+    check_writable_dir(flag, p.parent, need_bytes, "an estimate of the file's size")
     return p
 
 

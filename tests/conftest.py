@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -80,3 +81,26 @@ def quickstart_run(tmp_path_factory, smollm2) -> Path:
     assert r.returncode == 0, r.stderr[-3000:]
     (out.parent / "finetune.stderr").write_text(r.stderr)  # what the user saw
     return out
+
+
+@pytest.fixture(scope="session")
+def ship_bundle(tiny_model, tmp_path_factory):
+    """One real `--bundle` export of a tiny adapter (all its files and parity checks)."""
+    tmp = tmp_path_factory.mktemp("ship")
+    from adapters import make_adapter
+
+    adapter = make_adapter(
+        tiny_model, tmp / "ad", target_modules=("q_proj", "k_proj", "v_proj", "o_proj")
+    )
+    (tmp / "eval").mkdir()
+    results = {"model": "ad", "reference": "base", "judge": "j", "dataset": "d", "n": 3}
+    results |= {"win_rate": 61.25, "standard_error": 4.5, "discrete_win_rate": 66.7}
+    (tmp / "eval" / "results.json").write_text(json.dumps(results))
+    out = tmp / "bundle"
+    r = run_script(
+        "export_hf_checkpoint.py",
+        *("--lora_weights", adapter, "--output_dir", out, "--bundle", "--parity_prompts", "3"),
+        *("--eval_results", tmp / "eval"),
+    )
+    assert r.returncode == 0, r.stderr[-3000:] + r.stdout[-2000:]
+    return out, r.stdout, adapter

@@ -201,7 +201,7 @@ CASES = [
          ("--resume_from_checkpoint", "not a complete checkpoint folder")),
     Case("ft-init-adapter-wrong-rank", "finetune",
          lambda w: ft(w, "--init_from_adapter", w.adapter, "--lora_r", "8"),
-         ("--init_from_adapter", "does not fit this LoRA setup", "--lora_r"), cache_ok=True),
+         ("--init_from_adapter", "does not fit this LoRA setup", "its rank is 4", "--lora_r 4")),
     Case("ft-conflict-resume-overwrite", "finetune",
          lambda w: ft(w, "--resume_from_checkpoint", "auto", "--overwrite_output_dir"),
          ("--resume_from_checkpoint and --overwrite_output_dir conflict",)),

@@ -181,3 +181,42 @@ def test_bad_conversations_one_line_with_row_and_turn(tiny_model, tmp_path):
     ):
         assert want in line, line
     assert not out.exists()
+
+
+def test_audit_role_split_counts_template_text_by_token_ids(smollm2, tiny_tok):
+    """The audit's tokens by role: message content counts for its role; what the template
+    writes (SmolLM2's injected default system prompt, headers, end-of-turn) as "template"."""
+    from lora_alpaca.data.conversations import _role_tokens
+
+    tok = AutoTokenizer.from_pretrained(smollm2)
+    r = build_renderer(tok, "base", load_template("alpaca"))
+    injected = "You are a helpful AI assistant named SmolLM"
+    assert injected in r.render(THREE)  # no system turn given: the template writes one
+    for msgs in (THREE, SYSTEM + THREE):
+        ids, labels = r.encode(msgs)
+        stats: dict = {}
+        _role_tokens(r, msgs, ids, labels, stats)
+
+        def content_ids(role, msgs=msgs):
+            return sum(len(tok(m["content"])["input_ids"]) for m in msgs if m["role"] == role)
+
+        n_answers = sum(m["role"] == "assistant" for m in msgs)
+        assert stats["user"] == [content_ids("user"), 0], stats
+        assert stats["assistant"] == [content_ids("assistant")] * 2, stats
+        assert stats.get("system", [0, 0]) == [content_ids("system"), 0], stats
+        # The rest is the template's, and its learned ids are the answers' <|im_end|>.
+        assert sum(v[0] for v in stats.values()) == len(ids)
+        assert stats["template"][1] == n_answers
+    # Without a system turn the injected prompt is template text: more template ids.
+    plain, with_system = {}, {}
+    _role_tokens(r, THREE, *r.encode(THREE), plain)
+    _role_tokens(r, SYSTEM + THREE, *r.encode(SYSTEM + THREE), with_system)
+    injected_ids = len(tok(injected)["input_ids"])
+    assert plain["template"][0] - with_system["template"][0] >= injected_ids
+    # A template without a system role (Mistral-style, BOS and [INST] headers): same rule.
+    tiny_tok.chat_template = MISTRAL
+    m = build_renderer(tiny_tok, "base", load_template("alpaca"))
+    stats = {}
+    _role_tokens(m, THREE, *m.encode(THREE), stats)
+    assert set(stats) == {"template", "user", "assistant"}
+    assert stats["assistant"][1] == stats["assistant"][0] > 0

@@ -137,6 +137,9 @@ CASES = [
          lambda w: exp(w, "--base_model", truncated_model(w)), ("--base_model", "truncated")),
     Case("gen-adapter-rank-mismatch", "generate",
          lambda w: gen(w, "--lora_weights", rank_mismatch_adapter(w)), ("--lora_weights", "r=64", "rank 4")),
+    Case("ft-init-adapter-rank-mismatch", "finetune",
+         lambda w: ft(w, "--init_from_adapter", rank_mismatch_adapter(w), "--lora_r", "4"),
+         ("--init_from_adapter", "r=64", "rank 4")),
     Case("exp-adapter-rank-mismatch", "export",
          lambda w: exp(w, "--lora_weights", rank_mismatch_adapter(w)), ("--lora_weights", "r=64", "rank 4")),
     Case("ft-name-too-long-data", "finetune",
@@ -193,7 +196,25 @@ def test_model_type_error_is_cut_at_a_word(shared, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         cli.run(shared["commands"]["generate"], ["--base_model", str(d), "--prompt", "hi"])
     line = check_one_line(e.value.code, capsys.readouterr().err, ("--base_model",), "model_type")
-    assert line.endswith(" ...)") or len(line) < 400, line
+    # Cut, and at a word's end: what is kept of the model type is a prefix of it that stops
+    # before a letter or digit would follow (the old cut ended in "...-no ...").
+    assert line.endswith(" ...)"), line
+    kept = line[: -len(" ...)")].split("`", 1)[1]
+    assert cfg["model_type"].startswith(kept) and len(kept) < len(cfg["model_type"]), line
+    nxt = cfg["model_type"][len(kept)]
+    assert not (kept[-1].isalnum() and nxt.isalnum()), (kept[-12:], nxt)
+
+
+def test_shorten_never_cuts_inside_a_word():
+    from lora_alpaca.filecheck import shorten
+
+    words = " ".join(f"word{i}" for i in range(100))
+    cut = shorten(words, 50)
+    assert cut.endswith(" ...") and words.startswith(cut[:-4]) and words[len(cut) - 4] == " "
+    ident = "prefix " + "-".join(["segment"] * 40)
+    cut = shorten(ident, 60)[:-4]
+    assert ident.startswith(cut) and cut.endswith("-") and len(cut) <= 60
+    assert shorten("x" * 300, 50) == "x" * 50 + " ..."  # one unbroken word: nothing better
 
 
 def test_unreachable_hub_id_fails_fast_in_one_line(tmp_path):
@@ -318,6 +339,50 @@ def test_no_space_for_a_run_is_refused_before_model_load(shared, tmp_path, capsy
             e.value.code, capsys.readouterr().err, ("--output_dir", "free", "needs about"), "space"
         )
         assert list(mnt.iterdir()) == [] and not (tmp_path / "cache").exists()
+        # generate's --output_file and export's --output_dir: the same check, before loading.
+        for script, argv, flag in (
+            ("generate", ["--base_model", w.tiny, "--input_file", inp(w),
+                          "--output_file", mnt / "a.jsonl"], "--output_file"),
+            ("export", exp(w, "--output_dir", mnt / "merged"), "--output_dir"),
+        ):  # fmt: skip
+            with pytest.raises(SystemExit) as e:
+                cli.run(shared["commands"][script], [str(a) for a in argv])
+            err = capsys.readouterr().err
+            check_one_line(e.value.code, err, (flag, "free", "needs about"), script)
+            assert list(mnt.iterdir()) == [], script
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_read_only_file_system_refused_by_every_script_before_model_load(shared, tmp_path):
+    """A read-only mount (a tmpfs the test mounts, remounted ro) through the three real
+    scripts: one line, exit 2, nothing else on stderr (each script logs once the model
+    has loaded), no dataset cache."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a read-only tmpfs needs root (CI runs as root)")
+    mnt = tmp_path / "ro"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], check=True)
+    try:
+        subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
+        w = World(shared["tiny"], shared["other"], shared["adapter"], shared["good_data"], tmp_path)
+        cache = tmp_path / "cache"
+        env = {**os.environ, "LORA_ALPACA_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
+        env.pop("LORA_ALPACA_DEBUG", None)
+        runs = (
+            ("finetune.py", ft(w, "--output_dir", mnt / "run"), "--output_dir"),
+            ("generate.py", ["--base_model", w.tiny, "--input_file", inp(w),
+                             "--output_file", mnt / "a.jsonl"], "--output_file"),
+            ("export_hf_checkpoint.py", exp(w, "--output_dir", mnt / "merged"), "--output_dir"),
+        )  # fmt: skip
+        for script, argv, flag in runs:
+            p = subprocess.run(
+                [sys.executable, str(ROOT / script), *map(str, argv)],
+                env=env, capture_output=True, text=True, timeout=300,
+            )  # fmt: skip
+            line = check_one_line(p.returncode, p.stderr, (flag, "read-only file system"), script)
+            assert p.stderr.strip().splitlines() == [line], (script, p.stderr[-2000:])
+        assert not cache.exists() and list(mnt.iterdir()) == []
     finally:
         subprocess.run(["umount", str(mnt)], check=False)
 

@@ -268,6 +268,7 @@ def test_gguf_only_and_sharding(tiny_model, tmp_path):
     )
     assert code == 0, err + out
     assert sorted(p.name for p in (tmp_path / "g").iterdir()) == [
+        "Modelfile",  # Ollama's, beside every GGUF export
         "README.md",
         "export.json",
         "model-f16.gguf",
@@ -415,7 +416,7 @@ def bad_input_cases(tiny_model: Path, tmp: Path):
         ),
         (
             ["--lora_weights", adapter, "--output_dir", tmp / "o7", "--gguf", "q4_k"],
-            "Invalid value for '--gguf'",
+            "--gguf 'q4_k': 'q4_k' is not a GGUF type; allowed: none, or one or several",
         ),
         (["--lora_weights", adapter], "--output_dir is required"),
         (

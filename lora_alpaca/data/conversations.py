@@ -167,15 +167,48 @@ def _arrow(rows_ids: list[list[int]], rows_labels: list[list[int]], index: list[
 
 
 def _role_tokens(renderer: ChatRenderer, msgs, ids, labels, stats: dict) -> None:
-    """Add this conversation's tokens and learned tokens per role to `stats`."""
-    texts = [renderer.render(msgs[: i + 1], add_generation_prompt=False) for i in range(len(msgs))]
-    ends = [min(len(ids), len(x)) for x in renderer._ids(texts)]
+    """Add this conversation's tokens and learned tokens per role to `stats`, by token ids:
+    a message's content counts for its role; what the template writes around it (headers,
+    end-of-turn markers, a default system prompt it injects) counts as "template".
+
+    Message i spans the ids its rendering adds to the prefix before it; the same prefix plus
+    message i with empty content gives the template's part (header ids match the full ids
+    up to where the content starts, the rest are the closing ids). A template that renders
+    an empty message differently (drops it, raises) leaves the whole span to the role."""
+    from lora_alpaca.chat_template import _common_prefix
+
+    def ids_of(convs):
+        texts = []
+        for c in convs:
+            try:
+                texts.append(renderer.render(c, add_generation_prompt=False))
+            except TemplateRenderError:
+                texts.append(None)
+        got = renderer._ids([t or "" for t in texts])
+        return [g if t is not None else None for g, t in zip(got, texts, strict=True)]
+
+    n = len(msgs)
+    through = ids_of([msgs[: i + 1] for i in range(n)])
+    empty = ids_of([[*msgs[:i], {**msgs[i], "content": ""}] for i in range(n)])
     start = 0
     for i, m in enumerate(msgs):
-        end = len(ids) if i == len(msgs) - 1 else max(ends[i], start)
-        s = stats.setdefault(m["role"], [0, 0])
-        s[0] += end - start
-        s[1] += sum(1 for lab in labels[start:end] if lab != IGNORE_INDEX)
+        end = (
+            len(ids)
+            if i == n - 1 or through[i] is None
+            else max(min(len(ids), len(through[i])), start)
+        )
+        head_end, tail_start = start, end  # fallback: the whole span is the role's
+        e = empty[i]
+        if e is not None and len(e) >= start:
+            cut = _common_prefix(e, ids)
+            closing = len(e) - cut
+            if start <= cut <= end - closing:
+                head_end, tail_start = cut, end - closing
+        for role, a, b in (("template", start, head_end), (m["role"], head_end, tail_start),
+                           ("template", tail_start, end)):  # fmt: skip
+            st = stats.setdefault(role, [0, 0])
+            st[0] += b - a
+            st[1] += sum(1 for lab in labels[a:b] if lab != IGNORE_INDEX)
         start = end
 
 
@@ -345,5 +378,6 @@ def conversation_lines(audit: Audit) -> list[str]:
         f"  conversations: {c['format']} rows, chat template {c['chat_template']}, --train_on_turns {c['train_on_turns']}",
         f"  turns per conversation: min {t['min']}, mean {t['mean']}, max {t['max']}; "
         f"conversations with oldest turns dropped to fit: {audit.truncated_rows:,}",
-        f"  learned tokens by role (learned/all): {roles}",
+        f"  learned tokens by role (learned/all; template = headers, end-of-turn tokens and "
+        f"any default system prompt the chat template writes): {roles}",
     ]

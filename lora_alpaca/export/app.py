@@ -27,10 +27,28 @@ class ExportConfig:
     max_shard_size: str = cli.field("2GB", help="Largest safetensors shard, e.g. 500MB, 2GB.")
     gguf: str = cli.field(
         "none",
-        help="Also write a GGUF file for llama.cpp / Ollama / LM Studio (LLaMA family).",
+        help="Also write GGUF files for llama.cpp / Ollama / LM Studio (LLaMA family): one or "
+        "several of f16, q8_0, q6_k, q5_k_m, q4_k_m, q4_0, comma-separated (e.g. "
+        "q4_k_m,q5_k_m); each goes to model-<type>.gguf and through the parity check.",
+    )
+    gguf_only: bool = cli.field(False, help="Write only the GGUF files (needs --gguf).")
+    gguf_lora: str = cli.field(
+        "none",
+        help="Also write the adapter alone as a llama.cpp LoRA GGUF (adapter-<type>.gguf, for "
+        "llama.cpp --lora / Ollama ADAPTER) and the unmerged base beside it (base-<type>.gguf).",
         choices=["none", "f16", "q8_0"],
     )
-    gguf_only: bool = cli.field(False, help="Write only the GGUF file (needs --gguf).")
+    bundle: bool = cli.field(
+        False,
+        help="Write everything into --output_dir: the merged checkpoint, merged GGUF files "
+        "(--gguf, default f16 and q4_k_m where available), the LoRA GGUF with its base "
+        "(--gguf_lora, default f16), Modelfiles and a model card with the training record.",
+    )
+    eval_results: str | None = cli.field(
+        None,
+        help="With --bundle: an evaluate.py judge/human output folder whose win rates go into "
+        "the model card.",
+    )
     merge_base: str = cli.field(
         "auto",
         help="For adapters trained on a 4-/8-bit base: merge onto the original weights or onto "

@@ -1,6 +1,8 @@
-"""Write a merged model as one GGUF file (f16 or q8_0) for llama.cpp / Ollama / LM Studio.
+"""Write a merged model as one GGUF file (f16, q8_0, q6_k, q5_k_m, q4_k_m, q4_0) for
+llama.cpp / Ollama / LM Studio.
 
-The `gguf` package does the file format, the tensor-name map and q8_0 packing. What it
+The `gguf` package does the file format, the tensor-name map and the 32-wide block packing;
+export/quants.py has llama.cpp's per-tensor type mix and the K-quant packing. What it
 lacks is the glue llama.cpp's `convert_hf_to_gguf.py` holds (a script, not an importable
 API): the LLaMA q/k row permutation, the choice of tokenizer pre-type, the hyperparameter
 keys. That glue is here, for the LLaMA architecture family only (LLaMA, SmolLM, Mistral
@@ -16,9 +18,10 @@ import numpy as np
 import torch
 
 from lora_alpaca.errors import UsageError
+from lora_alpaca.export.quants import FILE_TYPES, quantize, tensor_type
 from lora_alpaca.prompts import PromptTemplate
 
-GGUF_TYPES = ("f16", "q8_0")
+GGUF_TYPES = tuple(FILE_TYPES)
 # HF `model_type` -> llama.cpp architecture; llama.cpp runs Mistral as plain LLaMA.
 SUPPORTED_ARCHS = {"llama": "llama", "mistral": "llama"}
 # Byte-level BPE pre-tokenizers we can name for llama.cpp (`tokenizer.ggml.pre`). llama.cpp
@@ -152,21 +155,6 @@ def _permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
     )
 
 
-def _encode(name: str, w: np.ndarray, qtype: str):
-    """(array, raw ggml type or None). 1-D tensors stay f32, as llama.cpp keeps them."""
-    import gguf
-
-    if w.ndim == 1:
-        return w.astype(np.float32), None
-    if (
-        qtype == "q8_0"
-        and w.shape[-1] % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0] == 0
-    ):
-        q = gguf.quants.quantize(w.astype(np.float32), gguf.GGMLQuantizationType.Q8_0)
-        return q, gguf.GGMLQuantizationType.Q8_0
-    return w.astype(np.float16), None
-
-
 def write_gguf(
     model,
     tokenizer,
@@ -196,9 +184,7 @@ def write_gguf(
 
     w = gguf.GGUFWriter(str(path), arch)
     w.add_name(name)
-    w.add_file_type(
-        gguf.LlamaFileType.MOSTLY_Q8_0 if qtype == "q8_0" else gguf.LlamaFileType.MOSTLY_F16
-    )
+    w.add_file_type(FILE_TYPES[qtype][1])
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
@@ -257,8 +243,14 @@ def write_gguf(
             arr = _permute_qk(arr, n_head)
         elif gguf_base.endswith(".attn_k"):
             arr = _permute_qk(arr, n_kv)
-        data, raw = _encode(gguf_base, arr, qtype)
-        w.add_tensor(f"{gguf_base}.{suffix}", data, raw_dtype=raw)
+        gguf_name = f"{gguf_base}.{suffix}"
+        ggml_type = tensor_type(gguf_name, arr.shape, qtype, n_layers, tied)
+        raw = (
+            None
+            if ggml_type in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16)
+            else ggml_type
+        )
+        w.add_tensor(gguf_name, quantize(arr, ggml_type), raw_dtype=raw)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -22,6 +22,7 @@ from lora_alpaca.export.adapter import (
     load_tokenizer_for,
     read_adapter,
 )
+from lora_alpaca.export.bundle import read_eval_results
 from lora_alpaca.export.output import (
     model_card,
     prepare_output,
@@ -115,6 +116,46 @@ def _write_report(out: Path, report: dict) -> None:
     write_json_atomic(out / REPORT_NAME, report)
 
 
+def bundle_plan(cfg, gguf_types: list[str]) -> tuple[list[str], str | None]:
+    """(merged GGUF types, LoRA GGUF type or None) after --bundle's defaults."""
+    from lora_alpaca.export.gguf import GGUF_TYPES
+
+    lora_type = None if cfg.gguf_lora == "none" else cfg.gguf_lora
+    if cfg.eval_results and not cfg.bundle:
+        raise UsageError("--eval_results: goes with --bundle (the bundle's model card)")
+    if not cfg.bundle:
+        return gguf_types, lora_type
+    if cfg.gguf_only:
+        raise UsageError("--bundle holds the transformers checkpoint too; drop --gguf_only")
+    # The files hobbyists download: f16 and, where the writer has it, q4_k_m.
+    default = [q for q in ("f16", "q4_k_m") if q in GGUF_TYPES]
+    return gguf_types or default, lora_type or "f16"
+
+
+def write_modelfiles(out: Path, renderer, gguf_types: list[str], lora_type: str | None) -> None:
+    """Modelfile (FROM the first merged GGUF) and Modelfile.adapter (FROM base + ADAPTER);
+    with only the LoRA GGUF, the adapter form is the Modelfile."""
+    from lora_alpaca.export.gguf import gguf_file_name
+    from lora_alpaca.export.gguf_lora import adapter_file_name, base_file_name
+    from lora_alpaca.export.modelfile import ADAPTER_NAME, NAME, modelfile
+
+    if gguf_types:
+        (out / NAME).write_text(modelfile(renderer, gguf_file_name(gguf_types[0])), "utf-8")
+    if lora_type:
+        text = modelfile(renderer, base_file_name(lora_type), adapter_file_name(lora_type))
+        (out / (ADAPTER_NAME if gguf_types else NAME)).write_text(text, "utf-8")
+
+
+def write_bundle_card(out: Path, info: AdapterInfo, record: dict, report: dict, results) -> None:
+    from lora_alpaca.export.bundle import bundle_card, copy_records
+    from lora_alpaca.export.parity import summary_lines
+
+    copy_records(info, out)
+    record = {**record, "files": sorted(p.name for p in out.iterdir())}
+    card = bundle_card(info, record, {"summary": summary_lines(report)}, results)
+    (out / "README.md").write_text(card, encoding="utf-8")
+
+
 def run_export(cfg) -> int:
     """The whole `export_hf_checkpoint.py` run; returns the exit code (1: parity failed)."""
     from lora_alpaca.export.gguf import (
@@ -132,9 +173,13 @@ def run_export(cfg) -> int:
     info = read_adapter(cfg.lora_weights, cfg.base_model, cfg.allow_pickle, cfg.trust_remote_code)
     if cfg.parity_only:
         return run_parity_only(cfg, info)
-    gguf_types = [] if cfg.gguf == "none" else [cfg.gguf]
+    from lora_alpaca.export.quants import parse_gguf_types
+
+    gguf_types = parse_gguf_types(cfg.gguf)
     if cfg.gguf_only and not gguf_types:
-        raise UsageError("--gguf_only: also pass --gguf f16 or --gguf q8_0")
+        raise UsageError("--gguf_only: also pass --gguf (e.g. --gguf q4_k_m)")
+    gguf_types, lora_type = bundle_plan(cfg, gguf_types)
+    eval_results = read_eval_results(cfg.eval_results) if cfg.bundle else {}
     try:  # checked now, not after minutes of merging
         from transformers.utils.hub import convert_file_size_to_int
 
@@ -150,11 +195,16 @@ def run_export(cfg) -> int:
     # The template of training goes into every artifact (tokenizer and GGUF).
     renderer = renderer_from_manifest(info.manifest, tokenizer)
     tokenizer.chat_template = renderer.jinja_source
-    if gguf_types:  # refuse unsupported models before any heavy work or any disk write
+    if gguf_types or lora_type:  # refuse unsupported models before heavy work or disk writes
         base_config = load_config(info.base, cfg.trust_remote_code)
         check_supported(base_config)
         tokenizer_metadata(tokenizer, base_config.vocab_size)
-    tmp = prepare_output(cfg.output_dir)
+    from lora_alpaca.export.output import export_bytes
+
+    # base-<type>.gguf weighs what a merged GGUF of that type does (the adapter: little)
+    written = gguf_types + ([lora_type] if lora_type else [])
+    need = export_bytes(info.base.path, cfg.dtype, written, not cfg.gguf_only)
+    tmp = prepare_output(cfg.output_dir, need_bytes=need)
     try:
         prompts = parity_prompts(info.template, info.run, cfg.parity_prompts)
         log(f"merging {info.dir} into {info.base.name} (merge base: {merge_base})")
@@ -166,6 +216,7 @@ def run_export(cfg) -> int:
             "dtype": cfg.dtype,
             "transformers": not cfg.gguf_only,
             "gguf": gguf_types,
+            "gguf_lora": lora_type,
             "template": {"name": info.template.name, **info.template.to_dict()},
         }
         report: dict = {"prompts": prompts}
@@ -191,11 +242,19 @@ def run_export(cfg) -> int:
             log(f"writing the transformers checkpoint ({cfg.dtype})")
             write_hf_folder(merged, tokenizer, info, tmp, cfg.dtype, cfg.max_shard_size)
         del merged
+        if lora_type:
+            from lora_alpaca.export.gguf_lora import write_lora_files
+
+            log(f"writing base-{lora_type}.gguf and adapter-{lora_type}.gguf")
+            write_lora_files(info, cfg, lora_type, tmp, tokenizer, renderer, name)
+        write_modelfiles(tmp, renderer, gguf_types, lora_type)
         write_json_atomic(tmp / EXPORT_RECORD, record)
         (tmp / "README.md").write_text(model_card(info, record), encoding="utf-8")
         log("parity check")
         report["checks"] = check_exports(tmp, refs, info, record, renderer)
         _write_report(tmp, report)
+        if cfg.bundle:
+            write_bundle_card(tmp, info, record, report, eval_results)
     except BaseException:
         discard(tmp)
         raise

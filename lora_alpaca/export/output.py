@@ -14,8 +14,31 @@ from lora_alpaca.export.adapter import AdapterInfo
 from lora_alpaca.fileio import check_writable_dir, expand_user, temp_dir_beside
 
 
-def prepare_output(output_dir: str, must_be_empty: bool = True) -> Path:
-    """A private temp folder beside `output_dir`; refuses to touch an existing non-empty one."""
+def export_bytes(base_dir: str, dtype: str, gguf_types: list[str], transformers: bool) -> int:
+    """Rough size of an export, for the free-space check before merging: the base model's
+    parameter count (from its safetensors headers, no load) times the bytes per weight of
+    each file written, plus 64 MB (tokenizer, card, parity report). 0 when the base folder
+    holds no safetensors (then only writability is checked)."""
+    from lora_alpaca.filecheck import safetensors_header
+
+    params = 0
+    for f in sorted(Path(base_dir).glob("*.safetensors")):
+        for k, v in safetensors_header(f, "--base_model").items():
+            if k != "__metadata__":
+                n = 1
+                for d in v.get("shape", []):
+                    n *= int(d)
+                params += n
+    if not params:
+        return 0
+    per_weight = (4 if dtype == "fp32" else 2) if transformers else 0
+    per_weight += sum({"f16": 2, "q8_0": 1.07}.get(q, 2) for q in gguf_types)
+    return int(params * per_weight) + 64 * 1024 * 1024
+
+
+def prepare_output(output_dir: str, must_be_empty: bool = True, need_bytes: int = 0) -> Path:
+    """A private temp folder beside `output_dir`; refuses to touch an existing non-empty one,
+    an unwritable folder and a disk without `need_bytes` free."""
     if not output_dir:
         raise UsageError("--output_dir is required: where to write the merged model")
     out = expand_user(output_dir)
@@ -25,7 +48,8 @@ def prepare_output(output_dir: str, must_be_empty: bool = True) -> Path:
         raise UsageError(
             f"--output_dir {output_dir}: folder exists and is not empty; choose a new folder"
         )
-    check_writable_dir("--output_dir", out)  # read-only, /proc, a parent that is a file
+    # read-only, /proc, a parent that is a file, too little free space
+    check_writable_dir("--output_dir", out, need_bytes, "the merged model, estimated")
     return temp_dir_beside(out)
 
 
@@ -129,7 +153,11 @@ def model_card(info: AdapterInfo, record: dict) -> str:
         data=f"{data['path']} ({data.get('train_rows')} train / {data.get('val_rows')} validation rows)"
         if data.get("path")
         else "unknown (no run.json)",
-        formats=", ".join(formats + [f"GGUF {q}" for q in record["gguf"]]),
+        formats=", ".join(
+            formats
+            + [f"GGUF {q}" for q in record["gguf"]]
+            + ([f"LoRA GGUF {record['gguf_lora']} + base GGUF"] if record.get("gguf_lora") else [])
+        ),
         prompt=info.template.prompt_no_input,
         stops=", ".join(repr(s) for s in info.stop_strings),
     )

@@ -199,7 +199,7 @@ def chat_renderer_for(loaded):
 
 def main(cfg: GenerateConfig) -> int:
     from lora_alpaca.fileio import check_output_file
-    from lora_alpaca.generate.batch import read_prompt_rows
+    from lora_alpaca.generate.batch import answers_bytes, read_prompt_rows
 
     settings = check_flags(cfg)
     if cfg.detect_watermark:
@@ -218,7 +218,11 @@ def main(cfg: GenerateConfig) -> int:
     out = None
     if cfg.output_file:
         out = check_output_file(
-            "--output_file", cfg.output_file, inputs, overwrite=cfg.overwrite_output_file
+            "--output_file",
+            cfg.output_file,
+            inputs,
+            overwrite=cfg.overwrite_output_file,
+            need_bytes=answers_bytes(rows, settings.max_new_tokens) if rows else 0,
         )
     if cfg.probe_report:
         check_output_file(

@@ -48,6 +48,16 @@ def read_prompt_rows(path: str) -> list[dict]:
     return rows
 
 
+def answers_bytes(rows: list[dict], max_new_tokens: int) -> int:
+    """Rough size of the --output_file for the free-space check before the model loads: each
+    row as read plus an answer of max_new_tokens (capped at 8192: the context cap applies
+    later) at 8 bytes a token (JSON escapes of non-ASCII text), plus 1 MB of slack."""
+    import json
+
+    given = sum(len(json.dumps(r)) for r in rows)
+    return given + len(rows) * (min(max_new_tokens, 8192) * 8 + 128) + 1024 * 1024
+
+
 def generate_rows(
     gen: TextGenerator,
     rows: list[dict],
@@ -79,7 +89,11 @@ def generate_rows(
             print(f"[generate] {start:,}/{len(rows):,} rows", file=sys.stderr, flush=True)
             last_line = time.time()
         idx = order[start : start + batch_size]
-        for i, res in zip(idx, gen.generate([prompts[i] for i in idx], settings), strict=True):
+        batch = [prompts[i] for i in idx]
+        # A file with conversations (renderer set) also ends answers at the renderer's
+        # end-of-turn ids (ChatML's <|im_end|> where EOS is <|endoftext|>).
+        eog = renderer.eog_token_ids if renderer is not None else ()
+        for i, res in zip(idx, gen.generate(batch, settings, eog_ids=eog), strict=True):
             results[i] = {
                 **rows[i],
                 "response": res.text,

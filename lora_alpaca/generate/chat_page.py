@@ -80,14 +80,16 @@ def chat_respond(
     asked = history + [{"role": "user", "content": user}]
     answer = base = ""
     result = None
-    for answer, final in gen.stream(prompt, settings, use_adapter=True):
+    # The renderer's end-of-turn ids end the answer even where they are not the tokenizer's EOS.
+    eog = renderer.eog_token_ids
+    for answer, final in gen.stream(prompt, settings, use_adapter=True, eog_ids=eog):
         result = final or result
         yield asked + [{"role": "assistant", "content": answer}], asked, "generating…"
     turn = sum(m["role"] == "user" for m in asked)
     status = f"turn {turn}: ended by {result.finish_reason} after {result.new_tokens} tokens"
     if compare and gen.has_adapter:
         status += "; base model answered beside it"
-        for base, _final in gen.stream(prompt, settings, use_adapter=False):
+        for base, _final in gen.stream(prompt, settings, use_adapter=False, eog_ids=eog):
             yield (
                 asked + [{"role": "assistant", "content": answer}],
                 asked + [{"role": "assistant", "content": base}],

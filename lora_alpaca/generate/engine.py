@@ -90,18 +90,25 @@ def eos_token_ids(model, tokenizer) -> list[int]:
     return ids
 
 
+def with_eog(eos_ids: Sequence[int], eog_ids: Sequence[int]) -> list[int]:
+    """The EOS ids plus a chat renderer's end-of-generation ids (ChatML's `<|im_end|>` where
+    the tokenizer's EOS is `<|endoftext|>`): a chat answer ends at its end-of-turn token."""
+    return list(dict.fromkeys([*eos_ids, *(int(i) for i in eog_ids if i is not None)]))
+
+
 def build_generation_config(
     settings: DecodingSettings,
     model,
     tokenizer,
     stop_strings: Sequence[str],
+    eos_ids: Sequence[int] | None = None,
 ):
     """A GenerationConfig that sets only what the mode uses (so no sampler flag is silently inert)."""
     from transformers import GenerationConfig
 
     kwargs: dict = dict(
         max_new_tokens=settings.max_new_tokens,
-        eos_token_id=eos_token_ids(model, tokenizer),
+        eos_token_id=list(eos_ids) if eos_ids is not None else eos_token_ids(model, tokenizer),
         pad_token_id=tokenizer.pad_token_id,
         repetition_penalty=settings.repetition_penalty,
         stop_strings=list(stop_strings) or None,
@@ -246,8 +253,10 @@ class TextGenerator:
             return dataclasses.replace(settings, max_new_tokens=max(1, ctx - prompt_len))
         return settings
 
-    def _config(self, settings: DecodingSettings):
-        return build_generation_config(settings, self.model, self.tokenizer, self.stop_strings)
+    def _config(self, settings: DecodingSettings, eos_ids: Sequence[int]):
+        return build_generation_config(
+            settings, self.model, self.tokenizer, self.stop_strings, eos_ids
+        )
 
     def _processors(self) -> list:
         """The watermark, when on: transformers' own WatermarkLogitsProcessor, passed as a
@@ -263,28 +272,38 @@ class TextGenerator:
         return GenerationResult(self.safeguards.refusal, "content_filter", n)
 
     def generate(
-        self, prompts: Sequence[str], settings: DecodingSettings, use_adapter: bool = True
+        self,
+        prompts: Sequence[str],
+        settings: DecodingSettings,
+        use_adapter: bool = True,
+        eog_ids: Sequence[int] = (),
     ) -> list[GenerationResult]:
         """Generate for a batch of full prompts (already templated); with a content filter,
-        flagged prompts are not generated and flagged answers are replaced by the refusal."""
+        flagged prompts are not generated and flagged answers are replaced by the refusal.
+        `eog_ids`: a chat renderer's end-of-generation ids, stopped on besides EOS."""
         guard = self.safeguards
         if guard is None or guard.moderator is None:
-            return self._generate(prompts, settings, use_adapter)
+            return self._generate(prompts, settings, use_adapter, eog_ids)
         blocked = [guard.check(p, "prompt") is not None for p in prompts]
         todo = [p for p, b in zip(prompts, blocked, strict=True) if not b]
-        done = iter(self._generate(todo, settings, use_adapter) if todo else [])
+        done = iter(self._generate(todo, settings, use_adapter, eog_ids) if todo else [])
         results = [self._refused() if b else next(done) for b in blocked]
         return [r if r.finish_reason == "content_filter" or not guard.check(r.text, "output")
                 else self._refused(r.text) for r in results]  # fmt: skip
 
     def _generate(
-        self, prompts: Sequence[str], settings: DecodingSettings, use_adapter: bool = True
+        self,
+        prompts: Sequence[str],
+        settings: DecodingSettings,
+        use_adapter: bool = True,
+        eog_ids: Sequence[int] = (),
     ) -> list[GenerationResult]:
         settings.validate()
+        eos = with_eog(self.eos_ids, eog_ids)
         with self.lock:
             enc = self._encode(prompts)
             settings = self.within_context(settings, enc["input_ids"].shape[1])
-            config = self._config(settings)
+            config = self._config(settings, eos)
             torch.manual_seed(settings.seed)
             with torch.inference_mode(), self._adapter_context(use_adapter):
                 out = self.model.generate(
@@ -294,10 +313,14 @@ class TextGenerator:
                     logits_processor=self._processors(),
                 )
         new = out[:, enc["input_ids"].shape[1] :].tolist()
-        return [finish(row, self.tokenizer, self.eos_ids, self.stop_strings) for row in new]
+        return [finish(row, self.tokenizer, eos, self.stop_strings) for row in new]
 
     def stream(
-        self, prompt: str, settings: DecodingSettings, use_adapter: bool = True
+        self,
+        prompt: str,
+        settings: DecodingSettings,
+        use_adapter: bool = True,
+        eog_ids: Sequence[int] = (),
     ) -> Iterator[tuple[str, GenerationResult | None]]:
         """Yield (text so far, None) while generating, then (final text, result) once.
 
@@ -307,28 +330,33 @@ class TextGenerator:
         """
         guard = self.safeguards
         if guard is None or guard.moderator is None:
-            yield from self._stream(prompt, settings, use_adapter)
+            yield from self._stream(prompt, settings, use_adapter, eog_ids)
             return
         from lora_alpaca.safeguards.guard import moderated_stream
 
         if guard.check(prompt, "prompt"):
             yield guard.refusal, self._refused()
             return
-        pieces = self._stream(prompt, settings, use_adapter)
+        pieces = self._stream(prompt, settings, use_adapter, eog_ids)
         yield from moderated_stream(pieces, guard, self._refused)
 
     def _stream(
-        self, prompt: str, settings: DecodingSettings, use_adapter: bool = True
+        self,
+        prompt: str,
+        settings: DecodingSettings,
+        use_adapter: bool = True,
+        eog_ids: Sequence[int] = (),
     ) -> Iterator[tuple[str, GenerationResult | None]]:
         settings.validate()
         if settings.mode == "beam":
-            result = self._generate([prompt], settings, use_adapter)[0]
+            result = self._generate([prompt], settings, use_adapter, eog_ids)[0]
             yield result.text, result
             return
         from transformers import StoppingCriteriaList, TextIteratorStreamer
 
         settings = self.within_context(settings, self.prompt_tokens(prompt))
-        config = self._config(settings)
+        eos = with_eog(self.eos_ids, eog_ids)
+        config = self._config(settings, eos)
         cancel = _Cancelled()
         streamer = TextIteratorStreamer(
             self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600
@@ -371,5 +399,5 @@ class TextGenerator:
         if "error" in holder:
             raise holder["error"]
         row = holder["out"][0, enc["input_ids"].shape[1] :].tolist()
-        result = finish(row, self.tokenizer, self.eos_ids, self.stop_strings)
+        result = finish(row, self.tokenizer, eos, self.stop_strings)
         yield result.text, result

@@ -105,6 +105,8 @@ def run_rows(served, model_id: str, rows: list[Row]) -> list[str]:
             model.set_adapter(entry.adapter_name)
         ctx = contextlib.nullcontext()
     with ctx:
+        # The model's EOS and its renderer's end-of-turn ids (ChatML's <|im_end|>).
+        eos = list(dict.fromkeys([*served.eos_ids, *entry.renderer.eog_token_ids]))
         return run_batch(
-            model, served.tokenizer, rows, served.eos_ids, served.device, served.watermark_processor
+            model, served.tokenizer, rows, eos, served.device, served.watermark_processor
         )

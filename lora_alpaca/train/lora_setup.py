@@ -108,6 +108,38 @@ def skip_lora_input_casts(peft_model) -> None:
             module.cast_input_dtype_enabled = False
 
 
+def check_init_adapter(cfg) -> None:
+    """--init_from_adapter against this run's LoRA config, before the model loads (the
+    tensor-by-tensor check in load_adapter_weights comes only after it): the folder holds
+    safetensors weights whose rank agrees with its adapter_config.json and --lora_r."""
+    import json
+
+    from lora_alpaca.filecheck import check_adapter_shapes, loads_json
+    from lora_alpaca.runfolder import MANIFEST_NAME
+
+    d = Path(cfg.init_from_adapter)
+    if not d.is_dir():
+        raise UsageError(f"--init_from_adapter: no such folder {str(d)!r}")
+    if not (d / "adapter_model.safetensors").is_file():
+        raise UsageError(f"--init_from_adapter {d}: no adapter_model.safetensors there")
+    manifest = None
+    if (d / MANIFEST_NAME).is_file():
+        try:
+            manifest = loads_json((d / MANIFEST_NAME).read_text(encoding="utf-8"), str(d))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise UsageError(
+                f"--init_from_adapter {d}: {MANIFEST_NAME} is not valid JSON"
+            ) from None
+    check_adapter_shapes(d, "--init_from_adapter", manifest if isinstance(manifest, dict) else None)
+    config = json.loads((d / "adapter_config.json").read_text(encoding="utf-8"))
+    r = config.get("r")
+    if not config.get("rank_pattern") and r is not None and r != cfg.lora_r:
+        raise UsageError(
+            f"--init_from_adapter {d}: adapter does not fit this LoRA setup (its rank is {r}, "
+            f"--lora_r is {cfg.lora_r}); use --lora_r {r} and the same --lora_target_modules"
+        )
+
+
 def load_adapter_weights(peft_model, adapter_dir: str) -> None:
     """Weights-only warm start from an adapter folder (safetensors only: no pickle)."""
     from peft import set_peft_model_state_dict

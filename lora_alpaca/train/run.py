@@ -142,6 +142,10 @@ def run_training(cfg: FinetuneConfig) -> int:
             lora_adapter_bytes(base_config, cfg.lora_r, cfg.lora_target_modules)
         )
         check_writable_dir("--output_dir", output_dir, need)
+    if cfg.init_from_adapter:
+        from lora_alpaca.train.lora_setup import check_init_adapter
+
+        check_init_adapter(cfg)  # rank and shapes against the config, before any write
     opts = DataOptions.from_config(cfg)
     # The tokenized cache is written only once every check below has passed.
     prepared = prepare_data(
