@@ -60,11 +60,31 @@ def bucket(name: str, shapes: list, scope: str, rank: int, vocab: int) -> str:
         return "dtype casts / copies (autocast, fp32<->bf16)"
     if "attention" in name or "sdpa" in name or "flash" in name:
         return "attention (sdpa over the packed sequence)"
-    if scope == "mask" or name in ("aten::eq", "aten::__and__", "aten::bitwise_and", "aten::le", "aten::ge", "aten::lt", "aten::gt"):
+    if scope == "mask" or name in (
+        "aten::eq",
+        "aten::__and__",
+        "aten::bitwise_and",
+        "aten::le",
+        "aten::ge",
+        "aten::lt",
+        "aten::gt",
+    ):
         return "mask building / comparisons"
     if name in MATMULS and rank in dims:
         return "LoRA matmuls (A, B; fwd + bwd)"
-    if scope == "lora" or (name in ("aten::mul", "aten::add", "aten::add_", "aten::bernoulli_", "aten::native_dropout", "aten::native_dropout_backward", "aten::div_") and scope == "lora"):
+    if scope == "lora" or (
+        name
+        in (
+            "aten::mul",
+            "aten::add",
+            "aten::add_",
+            "aten::bernoulli_",
+            "aten::native_dropout",
+            "aten::native_dropout_backward",
+            "aten::div_",
+        )
+        and scope == "lora"
+    ):
         return "LoRA dropout / scale / adds"
     if name in MATMULS:
         return "base projections q,k,v,o + MLP (fwd + bwd)"
@@ -167,7 +187,9 @@ def main(cfg: ProfileConfig) -> int:
     print("|---|---|---|")
     for k, v in sorted(totals.items(), key=lambda kv: -kv[1]):
         print(f"| {k} | {v / 1e3 / cfg.steps:.1f} | {v / in_ops:.1%} |")
-    print(f"| all ops (self CPU, summed over threads' op calls) | {in_ops / 1e3 / cfg.steps:.1f} | 100% |")
+    print(
+        f"| all ops (self CPU, summed over threads' op calls) | {in_ops / 1e3 / cfg.steps:.1f} | 100% |"
+    )
     print(f"| wall time per step | {wall_us / 1e3 / cfg.steps:.1f} | |")
     if cfg.top:
         print()
