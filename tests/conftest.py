@@ -54,6 +54,88 @@ def run_script(script: str, *args: str, env: dict | None = None, timeout: int = 
     )
 
 
+SCRIPTS = {
+    "finetune": "finetune.py",
+    "generate": "generate.py",
+    "export": "export_hf_checkpoint.py",
+    "selfinstruct": "generate_instruction.py",
+}
+
+
+class CliResult:
+    """What a run of a command gave, shaped like subprocess.CompletedProcess."""
+
+    def __init__(self, returncode: int, stdout: str, stderr: str):
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+_COMMANDS: dict = {}
+
+
+def cli_command(script: str):
+    """The click command a top-level script builds (imported from it, not copied)."""
+    if script not in _COMMANDS:
+        import runpy
+
+        if script == "generate":  # generate.py builds it inside console_main
+            from lora_alpaca import cli
+            from lora_alpaca.generate.app import HELP, GenerateConfig, main
+
+            _COMMANDS[script] = cli.build_command(GenerateConfig, main, help=HELP)
+        else:
+            _COMMANDS[script] = runpy.run_path(str(ROOT / SCRIPTS[script]))["command"]
+    return _COMMANDS[script]
+
+
+def run_cli(script: str, *argv, env: dict | None = None) -> CliResult:
+    """Run a script's command in-process through `cli.run` (the same click command and
+    error mapping as `python SCRIPT`), so a cheap bad-input case does not pay a fresh
+    `import torch, transformers` (~4-6 s per subprocess on a 2-core CI box). Use
+    `run_script` where the process boundary is the point: signals, locks, torchrun,
+    the real script's stdout. `env` is set for the call and restored after."""
+    import contextlib
+    import io
+
+    from lora_alpaca import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    saved = {k: os.environ.get(k) for k in (env or {})}
+    os.environ.update({k: str(v) for k, v in (env or {}).items()})
+    code = 0
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                cli.run(cli_command(script), [str(a) for a in argv])
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return CliResult(code, out.getvalue(), err.getvalue())
+
+
+def finetune(
+    *args, env: dict | None = None, in_process: bool = False, timeout: int = 900, cwd=None
+):
+    """finetune.py with `args` (as strings or paths), the one runner the tests share.
+    A real process by default; `in_process=True` for cheap refusals (see `run_cli`).
+    With --base_model and --output_dir and no LORA_ALPACA_CACHE in `env`, the dataset
+    cache goes next to --output_dir, so a test never writes the user's cache (without
+    --base_model the cache also holds the converted default model: left alone)."""
+    argv = [str(a) for a in args]
+    env = dict(env or {})
+    if "LORA_ALPACA_CACHE" not in env and {"--output_dir", "--base_model"} <= set(argv):
+        last = max(i for i, a in enumerate(argv) if a == "--output_dir")  # click keeps the last
+        out = Path(argv[last + 1])
+        env["LORA_ALPACA_CACHE"] = str(out.parent / "cache")
+    if in_process:
+        return run_cli("finetune", *argv, env=env)
+    return run_script("finetune.py", *argv, env=env, timeout=timeout, cwd=cwd)
+
+
 def readme_quickstart_commands() -> dict[str, list[str]]:
     """The finetune.py and generate.py invocations of the README's first Quickstart command,
     so the tests run exactly what the README tells users to run."""

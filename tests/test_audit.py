@@ -8,6 +8,7 @@ with input: "... ### Input:\\n{x} ..."                       -> 6 + words(i) + w
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -70,32 +71,50 @@ def test_counts_lengths_truncation_and_learned_share(tmp_path, word_tok):
 
 
 def test_report_text(tmp_path, word_tok):
-    report = format_audit(audit_of(tmp_path, word_tok).audit, color=False)
-    lines = report.split("\n")
-    assert lines[0].startswith(f"Data audit: {tmp_path / 'rows.json'} (template alpaca_short")
-    assert "  rows: 6 read, 4 kept, 2 skipped (1 duplicate, 1 empty output)" in lines
-    assert "  split: 4 train / 0 validation (seed 42)" in lines
-    assert (
-        "  tokens per example before cutting (prompt + response + special tokens): "
-        "p50 11, p90 15, p99 15, max 15" in lines
+    """The one rendered snapshot of the audit (the other tests assert its fields): the
+    whole plain report, the coloured spans, and the lines only some audits have."""
+    audit = audit_of(tmp_path, word_tok).audit
+    assert format_audit(audit, color=False) == "\n".join(
+        [
+            f"Data audit: {tmp_path / 'rows.json'} (template alpaca_short, --cutoff_len 12, "
+            "--train_on_inputs false, --add_eos_token true)",
+            "  rows: 6 read, 4 kept, 2 skipped (1 duplicate, 1 empty output)",
+            "  split: 4 train / 0 validation (seed 42)",
+            "  tokens per example before cutting (prompt + response + special tokens): "
+            "p50 11, p90 15, p99 15, max 15",
+            "  recommended --cutoff_len 32 (fits 99% of rows uncut)",
+            "  rows truncated at --cutoff_len 12: 1 (25.0%; --overlength truncate)",
+            "  learned (supervised) tokens: 14 of 41 (34.1%)",
+            "  rows with zero learned tokens: 0",
+            # the first row without input and the first with one, learned spans marked
+            "  example 1 (row 1); learned tokens between [[ and ]]:",
+            "    ### Instruction: a b ### Response:[[c d e </s>]]",
+            "  example 2 (row 2); learned tokens between [[ and ]]:",
+            "    ### Instruction: a ### Input: x y ### Response:[[c </s>]]",
+        ]
     )
-    assert "  recommended --cutoff_len 32 (fits 99% of rows uncut)" in lines
-    assert "  rows truncated at --cutoff_len 12: 1 (25.0%; --overlength truncate)" in lines
-    assert "  learned (supervised) tokens: 14 of 41 (34.1%)" in lines
-    assert "  rows with zero learned tokens: 0" in lines
-    # two examples: the first row without input and the first with one, learned spans marked
-    assert "  example 1 (row 1); learned tokens between [[ and ]]:" in lines
-    assert "    ### Instruction: a b ### Response:[[c d e </s>]]" in lines
-    assert "  example 2 (row 2); learned tokens between [[ and ]]:" in lines
-    assert "    ### Instruction: a ### Input: x y ### Response:[[c </s>]]" in lines
-    coloured = format_audit(audit_of(tmp_path, word_tok).audit, color=True)
+    coloured = format_audit(audit, color=True)
     assert "\x1b[32mc d e </s>\x1b[0m" in coloured and "[[" not in coloured
+    # Capped at the model's context, rows that learn nothing, three reasons to skip.
+    other = dataclasses.replace(
+        audit, context_len=16, zero_supervised_rows=1, zero_supervised_positions=["row 1"],
+        skipped={"duplicate": 1, "empty output": 1, "over --cutoff_len": 1}, examples=[],
+    )  # fmt: skip
+    lines = format_audit(other, color=False).split("\n")
+    assert (
+        "  rows: 6 read, 4 kept, 3 skipped (1 duplicate, 1 empty output, 1 over --cutoff_len)"
+        in lines
+    )
+    assert (
+        "  recommended --cutoff_len 16: the model's context (99% of rows would need 32; "
+        "longer rows are cut)" in lines
+    )
+    assert "  rows with zero learned tokens: 1 (row 1)" in lines
 
 
 def test_train_on_inputs_learns_every_token(tmp_path, word_tok):
     a = audit_of(tmp_path, word_tok, train_on_inputs=True).audit
-    assert a.supervised_tokens == a.total_tokens == 41
-    assert "  learned (supervised) tokens: 41 of 41 (100.0%)" in format_audit(a, color=False)
+    assert a.supervised_tokens == a.total_tokens == 41 and a.supervised_share == 1.0
 
 
 def test_drop_policy_counts_the_dropped_row(tmp_path, word_tok):
@@ -104,7 +123,6 @@ def test_drop_policy_counts_the_dropped_row(tmp_path, word_tok):
     assert a.skipped == {"duplicate": 1, "empty output": 1, "over --cutoff_len": 1}
     assert a.rows_kept == 3 and list(got.train["row"]) == [0, 1, 5]
     assert a.length_percentiles["max"] == 11 and a.truncated_rows == 0
-    assert "3 skipped (1 duplicate, 1 empty output, 1 over --cutoff_len)" in format_audit(a, False)
 
 
 # A row whose prompt fills the whole budget learns nothing without EOS: cutoff 8, no EOS;
@@ -126,7 +144,6 @@ def test_zero_learned_tokens_refused_reported_or_dropped(tmp_path, word_tok):
     assert audit_only.zero_supervised_rows == 1 and audit_only.zero_supervised_positions == [
         "row 1"
     ]
-    assert "  rows with zero learned tokens: 1 (row 1)" in format_audit(audit_only, False)
 
     allowed = audit_of(tmp_path, word_tok, allow_unsupervised=True, **kw)
     assert allowed.audit.skipped == {"zero learned tokens": 1}

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import runpy
 import shutil
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -27,12 +26,10 @@ from pathlib import Path
 
 import pytest
 from adapters import make_adapter
-from conftest import ROOT, run_script
+from conftest import SCRIPTS, run_cli, run_script
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tiny import make_tiny_model
-
-from lora_alpaca import cli
 
 GOOD_ROWS = [
     {"instruction": f"Say the number {i}.", "input": "", "output": f"The number is {i}."}
@@ -279,24 +276,6 @@ CASES = [
 # ---- running the real commands -------------------------------------------------------
 
 
-def _commands() -> dict:
-    """The click command each top-level script builds (imported, not copied)."""
-    from lora_alpaca.generate.app import GenerateConfig, main
-
-    return {
-        "finetune": runpy.run_path(str(ROOT / "finetune.py"))["command"],
-        "generate": cli.build_command(GenerateConfig, main, help="generate"),
-        "export": runpy.run_path(str(ROOT / "export_hf_checkpoint.py"))["command"],
-    }
-
-
-SCRIPTS = {
-    "finetune": "finetune.py",
-    "generate": "generate.py",
-    "export": "export_hf_checkpoint.py",
-}
-
-
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory, tiny_model) -> dict:
     root = tmp_path_factory.mktemp("corpus-shared")
@@ -307,7 +286,6 @@ def shared(tmp_path_factory, tiny_model) -> dict:
         "other": make_tiny_model(root / "other", arch="mistral"),
         "adapter": make_adapter(tiny_model, root / "adapter", r=4),
         "good_data": data,
-        "commands": _commands(),
     }
 
 
@@ -347,11 +325,8 @@ def run_case(case: Case, shared: dict, tmp_path: Path, capsys, monkeypatch) -> W
     argv = [str(a) for a in case.argv(w)]
     watched = [work, shared["tiny"], shared["adapter"]] + ([] if case.cache_ok else [cache])
     before = snapshot(*watched)
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        cli.run(shared["commands"][case.script], argv)
-    err = capsys.readouterr().err
-    check_one_line(e.value.code, err, case.needles, case.id)
+    r = run_cli(case.script, *argv)
+    check_one_line(r.returncode, r.stderr, case.needles, case.id)
     # Nothing written: no output, no temp folder, no dataset / GGUF cache, inputs untouched.
     assert snapshot(*watched) == before, case.id
     if case.cache_ok:

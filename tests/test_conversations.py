@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import run_script
+from conftest import finetune
 from transformers import AutoTokenizer
 
 from lora_alpaca.chat_template import IGNORE_INDEX, ChatRenderer, build_renderer
@@ -156,17 +156,10 @@ def test_bad_conversations_one_line_with_row_and_turn(tiny_model, tmp_path):
     data = tmp_path / "bad.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "out"
-    r = run_script(
-        "finetune.py",
-        "--base_model",
-        tiny_model,
-        "--data",
-        data,
-        "--output_dir",
-        out,
-        "--audit_only",
-        "true",
-    )
+    r = finetune(
+        "--base_model", tiny_model, "--data", data, "--output_dir", out, "--audit_only", "true",
+        in_process=True,
+    )  # fmt: skip
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr

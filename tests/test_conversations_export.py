@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import run_script
+from conftest import finetune, run_script
 from test_conversations import CHATML
 from tiny import make_tiny_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -55,23 +55,8 @@ def test_chat_adapter_export_template_parity(chatml_model, tmp_path):
     data = sharegpt_rows(tmp_path / "chat.json")
     adapter = tmp_path / "adapter"
     common = ["--batch_size", "8", "--micro_batch_size", "4", "--max_steps", "2"]
-    r = run_script(
-        "finetune.py",
-        "--base_model",
-        chatml_model,
-        "--data",
-        data,
-        "--output_dir",
-        adapter,
-        *common,
-        "--val_set_size",
-        "4",
-        "--cutoff_len",
-        "96",
-        "--dtype",
-        "fp32",
-        env={"LORA_ALPACA_CACHE": str(tmp_path / "cache")},
-    )
+    r = finetune("--base_model", chatml_model, "--data", data, "--output_dir", adapter, *common,
+                 "--val_set_size", "4", "--cutoff_len", "96", "--dtype", "fp32")  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     assert "conversations: sharegpt rows, chat template base" in r.stderr
     manifest = json.loads((adapter / "lora_alpaca.json").read_text())

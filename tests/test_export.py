@@ -2,48 +2,26 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import stat
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from adapters import make_adapter
-from conftest import ROOT, run_script
+from conftest import finetune as run_finetune
+from conftest import run_cli, run_script
 from safetensors.torch import load_file
 from tiny import make_tiny_model
 
 WORDS = ["apple", "river", "stone", "cloud", "violet", "candle", "harbor", "meadow"]
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location(
-        "export_hf_checkpoint", ROOT / "export_hf_checkpoint.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-SCRIPT = load_script()
-
-
 def export(*args) -> tuple[int, str, str]:
     """Run the CLI in-process (same click command and error mapping as the script)."""
-    import contextlib
-    import io
-
-    from lora_alpaca.cli import run
-
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        with pytest.raises(SystemExit) as exc:
-            run(SCRIPT.command, [str(a) for a in args])
-    return exc.value.code, out.getvalue(), err.getvalue()
+    r = run_cli("export", *args)
+    return r.returncode, r.stdout, r.stderr
 
 
 def write_rows(path: Path, n: int = 40) -> Path:
@@ -62,39 +40,13 @@ def write_rows(path: Path, n: int = 40) -> Path:
 def finetune(base: Path, out: Path, *extra: str) -> Path:
     """A real few-step training run with finetune.py (the adapter export is for)."""
     data = write_rows(out.parent / f"{out.name}-rows.json")
-    r = run_script(
-        "finetune.py",
-        "--base_model",
-        base,
-        "--data",
-        data,
-        "--output_dir",
-        out,
-        "--batch_size",
-        "8",
-        "--micro_batch_size",
-        "4",
-        "--max_steps",
-        "3",
-        "--val_set_size",
-        "8",
-        "--cutoff_len",
-        "64",
-        "--lora_r",
-        "4",
-        "--learning_rate",
-        "2e-2",
-        "--warmup_steps",
-        "0",
-        "--lora_dropout",
-        "0",
-        "--dtype",
-        "fp32",
-        "--lora_target_modules",
-        "[q_proj,v_proj]",
+    r = run_finetune(
+        "--base_model", base, "--data", data, "--output_dir", out, "--batch_size", "8",
+        "--micro_batch_size", "4", "--max_steps", "3", "--val_set_size", "8",
+        "--cutoff_len", "64", "--lora_r", "4", "--learning_rate", "2e-2", "--warmup_steps", "0",
+        "--lora_dropout", "0", "--dtype", "fp32", "--lora_target_modules", "[q_proj,v_proj]",
         *extra,
-        env={"LORA_ALPACA_CACHE": str(out.parent / "cache")},
-    )
+    )  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     return out
 
@@ -386,11 +338,7 @@ def bad_input_cases(tiny_model: Path, tmp: Path):
     full = tmp / "full"
     full.mkdir()
     (full / "keep.txt").write_text("mine")
-    pickled = tmp / "pickled"
-    shutil.copytree(adapter, pickled)
-    weights = load_file(str(pickled / "adapter_model.safetensors"))
-    (pickled / "adapter_model.safetensors").unlink()
-    torch.save(weights, pickled / "adapter_model.bin")
+    # adapter_model.bin without --allow_pickle: the story is told once, in test_security.py
     return [
         (
             ["--lora_weights", tmp / "missing", "--output_dir", tmp / "o1"],
@@ -405,7 +353,6 @@ def bad_input_cases(tiny_model: Path, tmp: Path):
             ["--lora_weights", qwen_adapter, "--output_dir", tmp / "o3", "--gguf", "q8_0"],
             "architecture 'qwen2' is not supported",
         ),
-        (["--lora_weights", pickled, "--output_dir", tmp / "o4"], "pass --allow_pickle"),
         (
             ["--lora_weights", adapter, "--output_dir", tmp / "o5", "--gguf_only"],
             "--gguf_only: also pass --gguf",
@@ -438,25 +385,6 @@ def test_bad_inputs_one_line_exit_2_nothing_written(tiny_model, tmp_path):
     # and as a real process: no traceback, exit code 2
     r = run_script("export_hf_checkpoint.py", *cases[1][0])
     assert r.returncode == 2 and "Traceback" not in r.stderr and cases[1][1] in r.stderr
-
-
-def test_allow_pickle_loads_bin_adapter(tiny_model, tmp_path):
-    adapter = make_adapter(tiny_model, tmp_path / "ad")
-    weights = load_file(str(adapter / "adapter_model.safetensors"))
-    (adapter / "adapter_model.safetensors").unlink()
-    torch.save(weights, adapter / "adapter_model.bin")
-    code, out, err = export(
-        "--lora_weights",
-        adapter,
-        "--output_dir",
-        tmp_path / "o",
-        "--allow_pickle",
-        "--dtype",
-        "fp32",
-        "--parity_prompts",
-        "2",
-    )
-    assert code == 0, err + out
 
 
 @pytest.mark.slow

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, run_script
+from conftest import ROOT
+from conftest import finetune as run_finetune
 from safetensors.torch import load_file
 from tiny import make_tiny_model
 
@@ -60,10 +61,10 @@ TINY_FLAGS = (
 ).split()
 
 
-def finetune(base: Path, data: Path, out: Path, *extra: str, env: dict | None = None):
-    args = ["--base_model", base, "--data", data, "--output_dir", out, *TINY_FLAGS, *extra]
-    return run_script(
-        "finetune.py", *args, env={"LORA_ALPACA_CACHE": str(out.parent / "cache"), **(env or {})}
+def finetune(base: Path, data: Path, out: Path, *extra: str, **kw):
+    """conftest's runner with this file's settings; `in_process=True` for refusals."""
+    return run_finetune(
+        "--base_model", base, "--data", data, "--output_dir", out, *TINY_FLAGS, *extra, **kw
     )
 
 
@@ -137,7 +138,7 @@ def test_interrupt_then_resume_equals_uninterrupted(tiny_model, rows_json, tmp_p
     ckpts = sorted((part / "checkpoints").glob("checkpoint-*"))
     assert [c.name for c in ckpts][-1] == "checkpoint-00000003"
     # Re-running without --resume refuses to touch the folder.
-    again = finetune(tiny_model, rows_json, part, "--num_epochs", "2")
+    again = finetune(tiny_model, rows_json, part, "--num_epochs", "2", in_process=True)
     assert again.returncode == 2 and "resume_from_checkpoint auto" in again.stderr
     r = finetune(
         tiny_model, rows_json, part, "--num_epochs", "2", "--resume_from_checkpoint", "auto"
@@ -155,8 +156,9 @@ def test_resume_with_changed_settings_is_refused(tiny_model, rows_json, tmp_path
     r = finetune(tiny_model, rows_json, out, env={"LORA_ALPACA_FAULT_SIGNAL_STEP": "2"})
     assert r.returncode == 143
     r = finetune(
-        tiny_model, rows_json, out, "--resume_from_checkpoint", "auto", "--learning_rate", "5e-3"
-    )
+        tiny_model, rows_json, out, "--resume_from_checkpoint", "auto", "--learning_rate", "5e-3",
+        in_process=True,
+    )  # fmt: skip
     assert r.returncode == 2
     assert "learning_rate: 0.01 -> 0.005" in r.stderr and "--force_resume" in r.stderr
 
@@ -220,7 +222,7 @@ def test_ddp_two_processes_match_single_process(tiny_model, rows_json, tmp_path)
 )
 def test_bad_flags_one_line_exit_2(tiny_model, rows_json, tmp_path, flags, message):
     out = tmp_path / "out"
-    r = finetune(tiny_model, rows_json, out, *flags)
+    r = finetune(tiny_model, rows_json, out, *flags, in_process=True)
     assert r.returncode == 2, r.stderr[-2000:]
     lines = [ln for ln in r.stderr.strip().splitlines() if ln.startswith("error:")]
     assert len(lines) == 1 and message in lines[0], r.stderr[-2000:]
@@ -251,7 +253,7 @@ def test_yaml_config_and_cli_override(tiny_model, rows_json, tmp_path):
     assert conf["lora_target_modules"] == ["q_proj", "k_proj"]
     bad = tmp_path / "bad.yaml"
     bad.write_text("lora_rank: 4\n")
-    r = finetune(tiny_model, rows_json, tmp_path / "x", "--config", str(bad))
+    r = finetune(tiny_model, rows_json, tmp_path / "x", "--config", str(bad), in_process=True)
     assert r.returncode == 2 and "unknown key(s) lora_rank" in r.stderr
 
 
@@ -259,7 +261,7 @@ def test_output_dir_not_overwritten(tiny_model, rows_json, tmp_path):
     out = tmp_path / "busy"
     out.mkdir()
     (out / "precious.txt").write_text("mine")
-    r = finetune(tiny_model, rows_json, out)
+    r = finetune(tiny_model, rows_json, out, in_process=True)
     assert r.returncode == 2 and "exists and is not empty" in r.stderr
     assert (out / "precious.txt").read_text() == "mine"
     shutil.rmtree(out)

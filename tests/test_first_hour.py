@@ -8,7 +8,7 @@ import json
 import re
 
 import pytest
-from conftest import run_script
+from conftest import finetune, run_script
 from test_finetune import TINY_FLAGS, write_rows
 
 # Lines a user must never have to wonder about; none is about their own input.
@@ -33,17 +33,7 @@ def tiny_run(tiny_model, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("firsthour")
     data = write_rows(tmp / "rows.json")
     out = tmp / "adapter"
-    r = run_script(
-        "finetune.py",
-        "--base_model",
-        tiny_model,
-        "--data",
-        data,
-        "--output_dir",
-        out,
-        *TINY_FLAGS,
-        env={"LORA_ALPACA_CACHE": str(tmp / "cache")},
-    )
+    r = finetune("--base_model", tiny_model, "--data", data, "--output_dir", out, *TINY_FLAGS)
     assert r.returncode == 0, r.stderr[-3000:]
     return out, r
 
@@ -55,6 +45,10 @@ def test_finetune_stderr_is_clean_and_readable(tiny_run):
     # Not a terminal: no carriage-return bar redraws, one event per line.
     assert "\r" not in err, err[-2000:]
     lines = err.splitlines()
+    # Tokenizing says how long it took (48 rows: no opening line, a fraction of a second).
+    assert any(
+        re.fullmatch(r"tokenized 48 rows in \d+\.\d s \([\d,]+ rows/s\)", x) for x in lines
+    ), err[-3000:]
     # The pre-training evaluation has its own line before it runs, and its result its own.
     start = next(i for i, x in enumerate(lines) if x.startswith("evaluating on 8 validation rows"))
     assert re.fullmatch(

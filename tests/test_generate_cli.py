@@ -7,10 +7,8 @@ import json
 import pytest
 import torch
 from adapters import make_adapter
-from conftest import run_script
+from conftest import run_cli, run_script
 
-from lora_alpaca import cli
-from lora_alpaca.generate.app import GenerateConfig, main
 from lora_alpaca.generate.engine import DecodingSettings
 from lora_alpaca.generate.loading import LoadRequest, load_generator
 
@@ -98,9 +96,8 @@ def test_file_of_prompts_in_batches(adapter_dir, in_process, alpaca_json, tmp_pa
 
 
 def run_in_process(capsys, *argv: str) -> tuple[int, str]:
-    with pytest.raises(SystemExit) as e:
-        cli.run(cli.build_command(GenerateConfig, main, help="generate"), [str(a) for a in argv])
-    return e.value.code, capsys.readouterr().err
+    r = run_cli("generate", *argv)
+    return r.returncode, r.stderr
 
 
 @pytest.mark.parametrize(
@@ -130,14 +127,3 @@ def test_bad_row_names_the_line_and_writes_nothing(capsys, tmp_path):
     code, err = run_in_process(capsys, "--input_file", src, "--output_file", out)
     assert code == 2 and f"{src} line 2" in err and "instruction" in err
     assert not out.exists() and list(tmp_path.iterdir()) == [src]
-
-
-def test_pickle_adapter_needs_the_flag(capsys, adapter_dir, tmp_path):
-    d = tmp_path / "pickled"
-    d.mkdir()
-    for f in adapter_dir.iterdir():
-        if f.suffix != ".safetensors":
-            (d / f.name).write_bytes(f.read_bytes())
-    (d / "adapter_model.bin").write_bytes(b"\x80\x04not really")
-    code, err = run_in_process(capsys, "--lora_weights", d, "--prompt", "hi")
-    assert code == 2 and "--allow_pickle_adapter" in err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import gguf
@@ -103,6 +104,26 @@ def test_qk_permutation_is_undone_exactly(merged_llama, tmp_path):
     assert not torch.equal(
         stored, model.model.layers[1].self_attn.q_proj.weight.half().float()
     )  # permuted on disk
+
+
+def test_gguf_as_base_model_is_converted_with_progress_lines(merged_llama, tmp_path, capsys):
+    """--base_model file.gguf: converted once into a transformers folder, saying so."""
+    from transformers import AutoModelForCausalLM
+
+    from lora_alpaca.default_model import convert_gguf
+
+    model, tok = merged_llama
+    path = write_gguf(model, tok, load_template("alpaca"), tmp_path / "m.gguf", "f16", "tiny")
+    capsys.readouterr()
+    out = convert_gguf(path, tmp_path / "hf")
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("[lora_alpaca] converting m.gguf (") and err[0].endswith(" ..."), err
+    assert " MB) to a transformers checkpoint in " in err[0], err
+    assert re.fullmatch(r"\[lora_alpaca\] converted in \d+\.\d s", err[-1]), err
+    assert convert_gguf(path, out) == out and capsys.readouterr().err == ""  # once
+    plain = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    want = model.model.layers[1].self_attn.q_proj.weight.half().float()
+    torch.testing.assert_close(plain.model.layers[1].self_attn.q_proj.weight, want, atol=0, rtol=0)
 
 
 def test_metadata_llama_runtime_needs(merged_llama, tmp_path):

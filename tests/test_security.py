@@ -30,12 +30,11 @@ from pathlib import Path
 import pytest
 import torch
 from adapters import make_adapter
-from conftest import ROOT
+from conftest import ROOT, run_cli
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from lora_alpaca import cli
 from lora_alpaca.errors import UsageError
 
 ROWS = [{"instruction": f"Say the number {i}.", "output": f"It is {i}."} for i in range(12)]
@@ -51,26 +50,9 @@ class Payload:
         return (open, (self.marker, "w"))
 
 
-def commands() -> dict:
-    from lora_alpaca.generate.app import GenerateConfig, main
-
-    return {
-        "finetune": runpy.run_path(str(ROOT / "finetune.py"))["command"],
-        "generate": cli.build_command(GenerateConfig, main, help="generate"),
-        "export": runpy.run_path(str(ROOT / "export_hf_checkpoint.py"))["command"],
-    }
-
-
-@pytest.fixture(scope="module")
-def cmds() -> dict:
-    return commands()
-
-
-def run_cli(cmds, capsys, script: str, *argv) -> tuple[int, str]:
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        cli.run(cmds[script], [str(a) for a in argv])
-    return e.value.code, capsys.readouterr().err
+def code_err(script: str, *argv) -> tuple[int, str]:
+    r = run_cli(script, *argv)
+    return r.returncode, r.stderr
 
 
 def assert_one_line(code: int, err: str, *needles: str) -> None:
@@ -141,52 +123,56 @@ def test_payload_is_live_positive_control(pickled_base):
 
 
 def test_pickled_base_weights_are_refused_by_every_script(
-    pickled_base, tiny_model, data, tmp_path, cmds, capsys, monkeypatch
+    pickled_base, tiny_model, data, tmp_path, monkeypatch
 ):
     d, marker = pickled_base
     monkeypatch.setenv("LORA_ALPACA_CACHE", str(tmp_path / "cache"))
     adapter = make_adapter(tiny_model, tmp_path / "adapter")
-    code, err = run_cli(cmds, capsys, "finetune", *finetune_args(d, data, tmp_path / "o1"))
+    code, err = code_err("finetune", *finetune_args(d, data, tmp_path / "o1"))
     assert_one_line(code, err, f"--base_model {d}", "other than tensors")
-    code, err = run_cli(cmds, capsys, "generate", "--base_model", d, "--prompt", "hi")
+    code, err = code_err("generate", "--base_model", d, "--prompt", "hi")
     assert_one_line(code, err, f"--base_model {d}", "other than tensors")
-    code, err = run_cli(cmds, capsys, "export", "--lora_weights", adapter, "--base_model", d,
+    code, err = code_err("export", "--lora_weights", adapter, "--base_model", d,
                         "--output_dir", tmp_path / "o2")  # fmt: skip
     assert_one_line(code, err, "--allow_pickle")
-    code, err = run_cli(cmds, capsys, "export", "--lora_weights", adapter, "--base_model", d,
+    code, err = code_err("export", "--lora_weights", adapter, "--base_model", d,
                         "--allow_pickle", "--output_dir", tmp_path / "o2")  # fmt: skip
     assert_one_line(code, err, f"--base_model {d}", "other than tensors")
     assert not marker.exists()
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
 
 
-def test_pickled_adapter_needs_the_flag_and_even_then_runs_no_code(
-    tiny_model, tmp_path, cmds, capsys
-):
+def test_pickled_adapter_needs_the_flag_and_even_then_runs_no_code(tiny_model, tmp_path):
+    """The whole adapter_model.bin story, told once: refused by generate and export without
+    the flag, nothing written; with it a payload still cannot run; a plain .bin of tensors
+    then loads and exports."""
     adapter = make_adapter(tiny_model, tmp_path / "adapter")
     weights = load_file(str(adapter / "adapter_model.safetensors"))
     (adapter / "adapter_model.safetensors").unlink()
     marker = tmp_path / "PWNED"
     torch.save({**weights, "payload": Payload(marker)}, adapter / "adapter_model.bin")
-    code, err = run_cli(cmds, capsys, "generate", "--lora_weights", adapter, "--prompt", "hi")
+    code, err = code_err("generate", "--lora_weights", adapter, "--prompt", "hi")
     assert_one_line(code, err, "--allow_pickle_adapter")
-    code, err = run_cli(cmds, capsys, "export", "--lora_weights", adapter,
+    code, err = code_err("export", "--lora_weights", adapter,
                         "--output_dir", tmp_path / "o")  # fmt: skip
-    assert_one_line(code, err, "--allow_pickle")
-    assert not marker.exists()
+    assert_one_line(code, err, "pass --allow_pickle")
+    assert not marker.exists() and not (tmp_path / "o").exists()
     # Opting in still unpickles with weights_only=True (peft): the payload cannot run.
-    code, err = run_cli(cmds, capsys, "generate", "--lora_weights", adapter, "--prompt", "hi",
+    code, err = code_err("generate", "--lora_weights", adapter, "--prompt", "hi",
                         "--max_new_tokens", "1", "--allow_pickle_adapter")  # fmt: skip
     assert_one_line(code, err, f"--lora_weights {adapter}", "other than tensors")
-    code, err = run_cli(cmds, capsys, "export", "--lora_weights", adapter, "--allow_pickle",
+    code, err = code_err("export", "--lora_weights", adapter, "--allow_pickle",
                         "--output_dir", tmp_path / "o")  # fmt: skip
     assert_one_line(code, err, f"--lora_weights {adapter}", "other than tensors")
     assert not marker.exists() and not (tmp_path / "o").exists()
+    # A .bin of plain tensors, with the flag: loads and exports.
+    torch.save(weights, adapter / "adapter_model.bin")
+    r = run_cli("export", "--lora_weights", adapter, "--output_dir", tmp_path / "o",
+                "--allow_pickle", "--dtype", "fp32", "--parity_prompts", "2")  # fmt: skip
+    assert r.returncode == 0, r.stderr + r.stdout
 
 
-def test_tampered_checkpoint_is_refused_without_running_it(
-    tiny_model, data, tmp_path, cmds, capsys, monkeypatch
-):
+def test_tampered_checkpoint_is_refused_without_running_it(tiny_model, data, tmp_path, monkeypatch):
     monkeypatch.setenv("LORA_ALPACA_CACHE", str(tmp_path / "cache"))
     ck = tmp_path / "planted" / "checkpoint-00000001"
     ck.mkdir(parents=True)
@@ -194,7 +180,7 @@ def test_tampered_checkpoint_is_refused_without_running_it(
     marker = tmp_path / "PWNED"
     torch.save({"state": {}, "param_groups": [], "payload": Payload(marker)}, ck / "optimizer.pt")
     (ck / "COMPLETE").write_text("ok\n")
-    code, err = run_cli(cmds, capsys, "finetune", *finetune_args(tiny_model, data, tmp_path / "o"),
+    code, err = code_err("finetune", *finetune_args(tiny_model, data, tmp_path / "o"),
                         "--resume_from_checkpoint", ck)  # fmt: skip
     assert_one_line(
         code, err, f"--resume_from_checkpoint {ck}", "optimizer.pt", "other than tensors"
@@ -226,7 +212,7 @@ def remote_code_model(tmp_path_factory, tiny_model) -> tuple[Path, Path]:
 
 
 def test_remote_code_is_refused_by_every_script(
-    remote_code_model, tiny_model, data, tmp_path, cmds, capsys, monkeypatch
+    remote_code_model, tiny_model, data, tmp_path, monkeypatch
 ):
     d, marker = remote_code_model
     monkeypatch.setenv("LORA_ALPACA_CACHE", str(tmp_path / "cache"))
@@ -237,7 +223,7 @@ def test_remote_code_is_refused_by_every_script(
         ("export", ["--lora_weights", adapter, "--base_model", d, "--output_dir", tmp_path / "o2"]),
     ]
     for script, argv in cases:
-        code, err = run_cli(cmds, capsys, script, *argv)
+        code, err = code_err(script, *argv)
         assert_one_line(code, err, f"--base_model {d}", "--trust_remote_code")
     assert not marker.exists()
     # Positive control, in a child with its own module cache: the flag does run the code.

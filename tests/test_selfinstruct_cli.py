@@ -15,7 +15,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, SHARED_DATA, run_script
+from conftest import ROOT, SHARED_DATA, finetune, run_cli, run_script
 from json_http import server_process
 
 MODEL = "scripted-teacher"
@@ -110,7 +110,7 @@ def test_readme_command_gives_a_file_finetune_audits(tmp_path):
     report = (out / "report.md").read_text()
     assert "too_similar" in report and "Cost at $0.02/1K tokens" in report
     assert (out / "report.png").stat().st_size > 10_000
-    audit = run_script("finetune.py", "--data", out / "alpaca_data.json", "--audit_only")
+    audit = finetune("--data", out / "alpaca_data.json", "--audit_only", in_process=True)
     assert audit.returncode == 0, audit.stderr[-2000:]
 
 
@@ -150,13 +150,17 @@ SEEDS = SHARED_DATA / "self_instruct" / "seed_tasks.jsonl"
         ("unreachable", ["--api_base", "CLOSED", "--model", "m", "--max_retries", "0"], "cannot reach the endpoint"),
     ],
 )  # fmt: skip
-def test_bad_input_is_one_line_and_writes_nothing(tmp_path, case, args, expected):
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, monkeypatch, case, args, expected):
+    monkeypatch.chdir(tmp_path)  # relative paths resolve where the user stands
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"instruction": "Say hi.", "output": "Hi"}\n{"instruction": "Say bye."}\n')
     args = [str(bad) if a == "BADROW" else a for a in args]
     args = [f"http://127.0.0.1:{_closed_port()}/v1" if a == "CLOSED" else a for a in args]
     out = tmp_path / "out"
-    r = run_script("generate_instruction.py", *args, "--output_dir", out, cwd=tmp_path)
+    if case == "bad row":  # one as a real process: its whole stderr is the one line
+        r = run_script("generate_instruction.py", *args, "--output_dir", out, cwd=tmp_path)
+    else:  # in-process: no fresh interpreter and imports per case (~6-12 s on CI)
+        r = run_cli("selfinstruct", *args, "--output_dir", out)
     assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and expected in errors[0], r.stderr
@@ -171,20 +175,18 @@ def test_output_folder_is_never_overwritten_and_resume_checks_the_recipe(tmp_pat
         out = tmp_path / "run"
         assert run_script("generate_instruction.py", *teacher_args(url, out, 10)).returncode == 0
         before = {p.name: p.read_bytes() for p in out.iterdir()}
-        again = run_script("generate_instruction.py", *teacher_args(url, out, 20))
+        again = run_cli("selfinstruct", *teacher_args(url, out, 20))
         assert again.returncode == 2 and "pass --resume" in again.stderr
-        other = run_script(
-            "generate_instruction.py",
-            *teacher_args(url, out, 20, "--resume", "--temperature", "0.5"),
+        other = run_cli(
+            "selfinstruct", *teacher_args(url, out, 20, "--resume", "--temperature", "0.5")
         )
         assert other.returncode == 2 and "--temperature 0.5 (the folder has 1.0)" in other.stderr
-        seeds = run_script(
-            "generate_instruction.py",
-            *teacher_args(url, out, 20, "--resume", "--seed_tasks", SEEDS),
+        seeds = run_cli(
+            "selfinstruct", *teacher_args(url, out, 20, "--resume", "--seed_tasks", SEEDS)
         )
         assert seeds.returncode == 2 and "--seed_tasks" in seeds.stderr
-        wrong = run_script("generate_instruction.py", "--api_base", f"{url}/v1", "--model", "nope",
-                           "--output_dir", tmp_path / "w", "--max_retries", "0")  # fmt: skip
+        wrong = run_cli("selfinstruct", "--api_base", f"{url}/v1", "--model", "nope",
+                        "--output_dir", tmp_path / "w", "--max_retries", "0")  # fmt: skip
         assert wrong.returncode == 2 and "--model nope" in wrong.stderr.splitlines()[-1]
         assert not (tmp_path / "w").exists()
         assert {p.name: p.read_bytes() for p in out.iterdir()} == before

@@ -9,7 +9,7 @@ import json
 import httpx
 import pytest
 from api_server import ApiServer
-from conftest import run_script
+from conftest import finetune, run_script
 
 
 @pytest.mark.slow
@@ -33,5 +33,5 @@ def test_smollm2_behind_generate_api_teaches_an_auditable_file(tmp_path, smollm2
     assert len(rows) == 1 and all(row["instruction"] and row["output"] for row in rows)
     state = json.loads((out / "state.json").read_text())
     assert state["usage"]["completion_tokens"] > 0 and state["requests"] >= 2
-    audit = run_script("finetune.py", "--data", out / "alpaca_data.json", "--audit_only")
+    audit = finetune("--data", out / "alpaca_data.json", "--audit_only", in_process=True)
     assert audit.returncode == 0, audit.stderr[-3000:]

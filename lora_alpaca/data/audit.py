@@ -56,6 +56,13 @@ class Audit:
         return self.truncated_rows / self.rows_kept if self.rows_kept else 0.0
 
     @property
+    def advised_cutoff_len(self) -> int:
+        """The --cutoff_len to advise: the recommendation, capped at the model's context."""
+        if self.context_len and self.recommended_cutoff_len > self.context_len:
+            return self.context_len
+        return self.recommended_cutoff_len
+
+    @property
     def supervised_share(self) -> float:
         return self.supervised_tokens / self.total_tokens if self.total_tokens else 0.0
 
@@ -166,8 +173,8 @@ def format_audit(audit: Audit, color: bool | None = None) -> str:
             (
                 f"  recommended --cutoff_len {audit.recommended_cutoff_len} "
                 f"(fits {CUTOFF_COVERAGE}% of rows uncut)"
-                if not audit.context_len or audit.recommended_cutoff_len <= audit.context_len
-                else f"  recommended --cutoff_len {audit.context_len}: the model's context "
+                if audit.advised_cutoff_len == audit.recommended_cutoff_len
+                else f"  recommended --cutoff_len {audit.advised_cutoff_len}: the model's context "
                 f"({CUTOFF_COVERAGE}% of rows would need {audit.recommended_cutoff_len}; longer rows are cut)"
             ),
         ]
