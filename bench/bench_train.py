@@ -1,4 +1,4 @@
-"""Training throughput benchmark: the project's loop vs the plain padded recipe, one process.
+"""Training throughput benchmark: the project's loop vs the plain padded recipe and trl, one process.
 
     python bench/bench_train.py                       # default workload (see BenchConfig)
     python bench/bench_train.py --rows 64 --val_rows 32 --batch_size 8
@@ -7,9 +7,16 @@ plain   = HF Trainer + DataCollatorForSeq2Seq (pad to the longest row of each mi
           fp32 on CPU / fp16 autocast on GPU, full logits, no packing: the alpaca-lora recipe.
 project = lora_alpaca.train.loop.train_loop (the loop finetune.py runs) with the project's
           model loading (models.load_model / resolve_precision) and LoRA setup.
-Both get the same tokenized rows, LoRA settings, optimizer steps, learning-rate schedule and
+trl     = trl's SFTTrainer, padding_free=True, bf16=True, on the same pre-tokenized rows (their
+          labels column is used as is), model and LoRA given the documented way (a path +
+          peft_config): the recipe a user would pick instead on CPU. trl is a bench-only
+          install (`pip install trl`), not a dependency of the project.
+All get the same tokenized rows, LoRA settings, optimizer steps, learning-rate schedule and
 seed. Held-out loss is measured the same way for both: each run's LoRA weights on an fp32
 copy of the base, fp32 compute, mean cross-entropy per supervised token.
+Share of peak = real tok/s x 4 x (model parameters) FLOP (forward + backward through the
+activations, no weight gradients) over a 2048^3 bf16 matmul's FLOP/s measured in the same
+process before the recipes run (the issue's yardstick; attention FLOPs are not counted).
 A markdown table goes to stdout and is appended to bench/results/<date>-<device>.md.
 """
 
@@ -68,7 +75,9 @@ class BenchConfig:
     packing: bool = field(True, "Project side: padding-free packed micro-batches.")
     loss_chunk_size: int = field(256, "Project side: chunked loss chunk (0 = full logits).")
     threads: int = field(0, "torch.set_num_threads for both recipes (0 = torch's default).")
-    recipes: list[str] = field(["plain", "project"], "Which recipes to run, in this order.")
+    recipes: list[str] = field(
+        ["plain", "trl", "project"], "Which recipes to run, in this order (plain, trl, project)."
+    )
     seed: int = field(42, "Seed for row sampling, LoRA init, data order and dropout.")
     results_dir: str = field(
         str(ROOT / "bench" / "results"), "Folder for the <date>-<device>.md results file."
@@ -228,6 +237,78 @@ def run_plain(cfg: BenchConfig, ref, tokenizer, rows: list[dict], device: torch.
     }
 
 
+def run_trl(cfg: BenchConfig, ref, tokenizer, rows: list[dict], device: torch.device) -> dict:
+    """trl SFTTrainer, padding-free, bf16 autocast, pre-tokenized rows (labels as given)."""
+    from datasets import Dataset
+    from peft import get_peft_model_state_dict
+    from trl import SFTConfig, SFTTrainer
+
+    args = SFTConfig(
+        output_dir=str(Path(os.environ.get("TMPDIR", "/tmp")) / "bench-trl"),
+        per_device_train_batch_size=cfg.micro_batch_size,
+        gradient_accumulation_steps=cfg.batch_size // cfg.micro_batch_size,
+        max_steps=cfg.rows // cfg.batch_size,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type="linear",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        bf16=True,
+        padding_free=True,
+        max_length=None,  # rows are already cut to cutoff_len (trl refuses both with padding_free)
+        logging_steps=10,
+        save_strategy="no",
+        report_to=[],
+        seed=cfg.seed,
+        use_cpu=device.type == "cpu",
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+    torch.manual_seed(cfg.seed)
+    trainer = SFTTrainer(
+        model=ref.path,
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+        peft_config=lora_config(cfg),
+    )
+    t0 = time.perf_counter()
+    trainer.train()
+    wall = time.perf_counter() - t0
+    trained = (cfg.rows // cfg.batch_size) * cfg.batch_size
+    real = sum(len(r["input_ids"]) for r in rows) * trained / len(rows)
+    state = get_peft_model_state_dict(trainer.model)
+    return {
+        "wall_s": wall,
+        "real_tokens": real,
+        "share": 1.0,
+        "precision": f"{next(trainer.model.parameters()).dtype} weights, bf16 autocast",
+        "lora": {k: v.detach().float().cpu() for k, v in state.items()},
+    }
+
+
+def count_parameters(ref) -> int:
+    """Parameters of the base model (tied embeddings once), without loading its weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(ref.path))
+    return sum(p.numel() for p in model.parameters())
+
+
+def bf16_peak_gflops(seconds: float = 3.0) -> float:
+    """FLOP/s of a 2048^3 bf16 matmul on this machine now (best of repeated runs)."""
+    a = torch.randn(2048, 2048, dtype=torch.bfloat16)
+    b = torch.randn(2048, 2048, dtype=torch.bfloat16)
+    a @ b
+    best, end = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        t0 = time.perf_counter()
+        a @ b
+        best = max(best, 2 * 2048**3 / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
 def run_project(cfg: BenchConfig, ref, tokenizer, rows: list[dict], device: torch.device) -> dict:
     """lora_alpaca.train.loop.train_loop with the project's model loading and LoRA setup."""
     from accelerate import Accelerator
@@ -346,31 +427,47 @@ def machine() -> str:
 
 
 def report(
-    cfg: BenchConfig, results: dict[str, dict], losses: dict[str, float], device: torch.device
+    cfg: BenchConfig,
+    results: dict[str, dict],
+    losses: dict[str, float],
+    device: torch.device,
+    peak: dict[str, float],
+    n_params: int,
 ) -> str:
-    head = "| recipe | real tok/s | real-token share | wall s | peak mem MiB | held-out loss | tok/s vs plain |"
-    lines = [head, "|---|---|---|---|---|---|---|"]
-    plain = results.get("plain")
+    head = (
+        "| recipe | real tok/s | share of bf16 peak | real-token share | wall s | peak RSS MiB "
+        "| held-out loss | vs plain | vs trl |"
+    )
+    lines = [head, "|---|---|---|---|---|---|---|---|---|"]
+    rates = {name: r["real_tokens"] / r["wall_s"] for name, r in results.items()}
+    flop_per_token = 4 * n_params
+    best_peak = max(peak.values())
     for name, r in results.items():
-        rate = r["real_tokens"] / r["wall_s"]
-        ratio = f"{rate / (plain['real_tokens'] / plain['wall_s']):.2f}x" if plain else "-"
-        label = (
-            name
-            if name == "plain"
-            else f"{name} ({r['precision']}, packing {cfg.packing}, chunk {cfg.loss_chunk_size})"
+        rate = rates[name]
+        vs = [f"{rate / rates[o]:.2f}x" if o in rates else "-" for o in ("plain", "trl")]
+        label = {
+            "plain": "plain (HF Trainer, padded, fp32)",
+            "trl": f"trl SFTTrainer (padding_free, bf16=True; {r.get('precision', '')})",
+        }.get(
+            name,
+            f"project ({r.get('precision')}, packing {cfg.packing}, chunk {cfg.loss_chunk_size})",
         )
         lines.append(
-            f"| {label} | {rate:.1f} | {r['share']:.1%} | {r['wall_s']:.1f} | {r['peak_mib']:.0f} | "
-            f"{losses[name]:.4f} | {ratio} |"
+            f"| {label} | {rate:.1f} | {rate * flop_per_token / 1e9 / best_peak:.1%} | {r['share']:.1%} "
+            f"| {r['wall_s']:.1f} | {r['peak_mib']:.0f} | {losses[name]:.4f} | {vs[0]} | {vs[1]} |"
         )
-    lines.append(f"| untrained base | | | | | {losses['base']:.4f} | |")
+    lines.append(f"| untrained base | | | | | | {losses['base']:.4f} | | |")
     date = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     command = "python bench/bench_train.py " + " ".join(sys.argv[1:])
+    peaks = ", ".join(f"{k} {v:.0f}" for k, v in peak.items())
     return (
         f"### {date} ({device.type})\n\n- machine: {machine()}\n- command: `{command}`\n"
         f"- workload: {cfg.rows} rows, {cfg.val_rows} held-out, cutoff {cfg.cutoff_len}, micro-batch "
         f"{cfg.micro_batch_size}, batch {cfg.batch_size} ({cfg.rows // cfg.batch_size} optimizer steps), "
-        f"LoRA r={cfg.lora_r} alpha={cfg.lora_alpha} on {','.join(cfg.lora_target_modules)}\n\n"
+        f"LoRA r={cfg.lora_r} alpha={cfg.lora_alpha} on {','.join(cfg.lora_target_modules)}\n"
+        f"- bf16 2048^3 matmul GFLOP/s measured in this run: {peaks} (share of peak uses the best); "
+        f"{n_params / 1e6:.1f}M parameters, 4N = {flop_per_token / 1e9:.2f} GFLOP per token\n"
+        f"- peak RSS: growth of the process's peak RSS during that recipe (VmHWM reset before it)\n\n"
         + "\n".join(lines)
         + "\n"
     )
@@ -381,26 +478,28 @@ def main(cfg: BenchConfig) -> int:
 
     if cfg.batch_size % cfg.micro_batch_size or cfg.rows < cfg.batch_size:
         raise UsageError("--batch_size must be a multiple of --micro_batch_size and <= --rows")
-    unknown = set(cfg.recipes) - {"plain", "project"}
+    unknown = set(cfg.recipes) - {"plain", "trl", "project"}
     if unknown:
-        raise UsageError(f"--recipes: unknown {sorted(unknown)}; allowed: plain, project")
+        raise UsageError(f"--recipes: unknown {sorted(unknown)}; allowed: plain, trl, project")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     ref = resolve_base_model(cfg.base_model)
     tokenizer = load_tokenizer(ref)
     train_rows, val_rows = load_rows(cfg, tokenizer)
+    n_params = count_parameters(ref)
+    peak = {"before": bf16_peak_gflops()}
+    runners = {"plain": run_plain, "trl": run_trl, "project": run_project}
     results = {}
     for name in cfg.recipes:
         print(f"running {name} ...", file=sys.stderr, flush=True)
         with PeakMemory(device) as mem:
-            results[name] = (run_plain if name == "plain" else run_project)(
-                cfg, ref, tokenizer, train_rows, device
-            )
+            results[name] = runners[name](cfg, ref, tokenizer, train_rows, device)
         results[name]["peak_mib"] = mem.peak_mib
         gc.collect()
+    peak["after"] = bf16_peak_gflops()
     losses = heldout_losses(cfg, ref, val_rows, {k: v["lora"] for k, v in results.items()})
-    text = report(cfg, results, losses, device)
+    text = report(cfg, results, losses, device, peak, n_params)
     print(text)
     out = Path(cfg.results_dir) / f"{datetime.date.today().isoformat()}-{device.type}.md"
     out.parent.mkdir(parents=True, exist_ok=True)

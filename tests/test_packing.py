@@ -15,6 +15,7 @@ from lora_alpaca.data.packing import (
     pad_rows,
 )
 from lora_alpaca.train.loss import causal_lm_loss_sum
+from lora_alpaca.train.packed_attention import row_lengths, use_packed_attention
 
 RTOL = 1e-5
 
@@ -35,7 +36,10 @@ def lora_model(path, attn: str):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=attn)
+    impl = "sdpa" if attn == "packed" else attn
+    base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=impl)
+    if attn == "packed":  # what finetune.py trains with: per-row attention of packed batches
+        assert use_packed_attention(base)
     # init_lora_weights=False: random A and B, so gradients reach both (B=0 would zero A's grad).
     config = LoraConfig(
         r=4,
@@ -82,7 +86,7 @@ def assert_same(a, b, rtol=RTOL):
 LENGTHS = [37, 5, 64, 1, 23, 50]
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager", "packed"])
 def test_packed_equals_rows_one_by_one(tiny_model, attn):
     model = lora_model(tiny_model, attn)
     rows = make_rows(model.config.vocab_size, LENGTHS)
@@ -92,7 +96,7 @@ def test_packed_equals_rows_one_by_one(tiny_model, attn):
     assert packed[1] == count_supervised(rows) > 0
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager", "packed"])
 def test_cross_contaminated_pack_differs(tiny_model, attn):
     """Control: the same pack with positions that do NOT restart lets rows see each other,
     and the loss changes, so the equality above really tests the block-diagonal mask."""
@@ -107,7 +111,7 @@ def test_cross_contaminated_pack_differs(tiny_model, attn):
     assert abs(good.item() - bad.item()) > 50 * RTOL * abs(good.item())
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager", "packed"])
 def test_padded_equals_packed(tiny_model, attn):
     model = lora_model(tiny_model, attn)
     rows = make_rows(model.config.vocab_size, LENGTHS, seed=1)
@@ -121,12 +125,22 @@ def test_padded_equals_packed(tiny_model, attn):
 @pytest.mark.parametrize("arch,tie", [("mistral", False), ("qwen2", True)])
 def test_packed_equals_rows_other_architectures(tmp_path, arch, tie):
     path = make_tiny_model(tmp_path / arch, arch=arch, tie=tie)
-    model = lora_model(path, "sdpa")
+    model = lora_model(path, "packed")
     rows = make_rows(model.config.vocab_size, [12, 30, 7], seed=2)
     assert_same(
         loss_and_grads(model, [pack_rows(rows)], chunk_size=5),
         loss_and_grads(model, [pack_rows([r]) for r in rows], chunk_size=None),
     )
+
+
+def test_row_lengths_only_for_packed_position_ids():
+    pos = torch.tensor([[0, 1, 2, 0, 1, 0, 0, 1, 2, 3]])
+    assert row_lengths(pos) == [3, 2, 1, 4]
+    assert row_lengths(torch.arange(5).unsqueeze(0)) == [5]
+    # Not packed rows: left padding (positions 1,1,0,1..), an offset start (a cache), batch 2.
+    assert row_lengths(torch.tensor([[1, 1, 0, 1, 2]])) is None
+    assert row_lengths(torch.tensor([[3, 4, 5]])) is None
+    assert row_lengths(torch.arange(4).repeat(2, 1)) is None
 
 
 def test_row_boundaries_are_masked():

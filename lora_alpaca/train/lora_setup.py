@@ -85,7 +85,27 @@ def add_lora(model: nn.Module, cfg, quantized: bool) -> nn.Module:
         ) from None
     if cfg.init_from_adapter:
         load_adapter_weights(peft_model, cfg.init_from_adapter)
+    if getattr(cfg, "packing", False):
+        # Packed micro-batches: attention only inside each row (train/packed_attention.py).
+        from lora_alpaca.train.packed_attention import use_packed_attention
+
+        use_packed_attention(peft_model.get_base_model())
+    if not quantized:  # bitsandbytes layers have their own dtype handling: left alone
+        skip_lora_input_casts(peft_model)
     return peft_model
+
+
+def skip_lora_input_casts(peft_model) -> None:
+    """peft casts a LoRA layer's input to the LoRA weights' dtype (fp32) before dropout and
+    lora_A; under bf16 autocast lora_A then casts it straight back to bf16. With a bf16
+    base that is two [tokens, hidden] copies per adapted layer, forward and backward, plus
+    the dropout done in fp32 (profiled in BENCHMARKS.md). Without a bf16 base (fp32 runs)
+    the input already has the weights' dtype and this changes nothing."""
+    from peft.tuners.lora import LoraLayer
+
+    for module in peft_model.modules():
+        if isinstance(module, LoraLayer):
+            module.cast_input_dtype_enabled = False
 
 
 def check_init_adapter(cfg) -> None:

@@ -26,6 +26,8 @@ MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
 # Cohere scale, Granite scaling). The chunked path would silently skip that step, so such
 # models take the exact (HF forward) path instead.
 LOGIT_POSTPROCESS_FIELDS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+# bench/speed_variants.py sets this to measure the old behaviour (checkpoint every chunk).
+_RECOMPUTE_LAST_CHUNK = False
 
 
 def _causal_lm(model):
@@ -101,7 +103,15 @@ def causal_lm_loss_sum(
     for start in range(0, count, chunk_size):
         h = selected[start : start + chunk_size]
         y = selected_targets[start : start + chunk_size]
-        # Checkpointing drops the chunk's logits after forward and recomputes them in
-        # backward; without it, every chunk's logits would be saved and nothing gained.
-        total = total + checkpoint(_chunk_ce_sum, lm_head, h, y, use_reentrant=False)
+        if start + chunk_size >= count and not _RECOMPUTE_LAST_CHUNK:
+            # The last chunk's logits are the last thing forward makes and the first thing
+            # backward frees, so keeping them costs no extra peak memory over recomputing
+            # them (either way one chunk's logits exist next to the body's activations) and
+            # saves one lm_head matmul; a micro-batch with <= chunk_size targets recomputes
+            # nothing (profiled: the recompute was ~4% of a SmolLM2 step).
+            total = total + _chunk_ce_sum(lm_head, h, y)
+        else:
+            # Checkpointing drops the chunk's logits after forward and recomputes them in
+            # backward; without it, every chunk's logits would be saved and nothing gained.
+            total = total + checkpoint(_chunk_ce_sum, lm_head, h, y, use_reentrant=False)
     return total, count

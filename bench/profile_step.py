@@ -1,0 +1,201 @@
+"""Where the time of one training micro-step goes: torch.profiler, grouped by kind of op.
+
+    OMP_NUM_THREADS=2 python bench/profile_step.py            # SmolLM2, 4 Alpaca rows packed
+    python bench/profile_step.py --steps 3 --top 40           # also the raw top-40 op table
+
+One micro-step = the project's forward (bf16 frozen base + LoRA under autocast, packed rows,
+chunked loss) + backward + AdamW step, exactly as lora_alpaca.train.loop runs it. Warm-up
+steps run first; then `--steps` steps run under the profiler and the self CPU time of every
+op is put in one bucket (projections, attention, LoRA, loss, casts, ...). "Python / other"
+is wall time not inside any profiled op: interpreter, module hooks, autograd bookkeeping.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from lora_alpaca import cli  # noqa: E402
+from lora_alpaca.cli import field  # noqa: E402
+
+
+@dataclass
+class ProfileConfig:
+    base_model: str | None = field(None, "Base model folder (default: SmolLM2-135M-Instruct).")
+    rows: int = field(4, "Rows per micro-batch (packed into one sequence).")
+    cutoff_len: int = field(256, "Maximum tokens per row.")
+    lora_r: int = field(8, "LoRA rank.")
+    lora_target_modules: list[str] = field(["q_proj", "v_proj"], "LoRA target modules.")
+    loss_chunk_size: int = field(256, "Chunked loss chunk (0 = full logits).")
+    dtype: str = field("auto", "dtype as finetune.py's --dtype.", choices=["auto", "bf16", "fp32"])
+    warmup: int = field(2, "Unprofiled steps first.")
+    steps: int = field(3, "Profiled steps.")
+    top: int = field(0, "Also print the top-N ops by self CPU time (0 = no).")
+    seed: int = field(42, "Row sampling seed.")
+
+
+# Bucket of an op, by name and input shapes (forward and backward alike: a LoRA matmul has
+# the rank as one dimension, an lm_head matmul the vocabulary), or by an enclosing scope.
+MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear")
+CASTS = ("aten::_to_copy", "aten::copy_", "aten::to", "aten::_copy_from")
+
+
+def bucket(name: str, shapes: list, scope: str, rank: int, vocab: int) -> str:
+    dims = {d for s in shapes if isinstance(s, (list, tuple)) for d in s if isinstance(d, int)}
+    if scope == "optimizer" or name.startswith("Optimizer."):
+        return "optimizer (AdamW, grad clip, zero_grad)"
+    if vocab in dims or any(k in name for k in ("log_softmax", "nll_loss", "cross_entropy")):
+        return "loss: lm_head matmuls (fwd, recompute, bwd) + cross-entropy"
+    if name in CASTS:
+        return "dtype casts / copies (autocast, fp32<->bf16)"
+    if "attention" in name or "sdpa" in name or "flash" in name:
+        return "attention (sdpa over the packed sequence)"
+    if scope == "mask" or name in (
+        "aten::eq",
+        "aten::__and__",
+        "aten::bitwise_and",
+        "aten::le",
+        "aten::ge",
+        "aten::lt",
+        "aten::gt",
+    ):
+        return "mask building / comparisons"
+    if name in MATMULS and rank in dims:
+        return "LoRA matmuls (A, B; fwd + bwd)"
+    if scope == "lora" or (
+        name
+        in (
+            "aten::mul",
+            "aten::add",
+            "aten::add_",
+            "aten::bernoulli_",
+            "aten::native_dropout",
+            "aten::native_dropout_backward",
+            "aten::div_",
+        )
+        and scope == "lora"
+    ):
+        return "LoRA dropout / scale / adds"
+    if name in MATMULS:
+        return "base projections q,k,v,o + MLP (fwd + bwd)"
+    return "elementwise: norms, rotary, SiLU, adds, grad accumulation, views"
+
+
+def main(cfg: ProfileConfig) -> int:
+    from accelerate import Accelerator
+    from bench_train import BenchConfig, load_rows
+    from peft.tuners.lora import LoraLayer
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    from lora_alpaca.data.packing import pack_rows
+    from lora_alpaca.models import load_model, load_tokenizer, resolve_base_model, resolve_precision
+    from lora_alpaca.train.config import FinetuneConfig
+    from lora_alpaca.train.lora_setup import add_lora
+    from lora_alpaca.train.loss import causal_lm_loss_sum
+
+    ref = resolve_base_model(cfg.base_model)
+    tok = load_tokenizer(ref)
+    bcfg = BenchConfig(rows=cfg.rows * (cfg.warmup + cfg.steps), val_rows=0,
+                       cutoff_len=cfg.cutoff_len, seed=cfg.seed)  # fmt: skip
+    rows, _ = load_rows(bcfg, tok)
+    fcfg = FinetuneConfig(base_model=ref.path, dtype=cfg.dtype, lora_r=cfg.lora_r,
+                          lora_target_modules=list(cfg.lora_target_modules), output_dir="/tmp/x")  # fmt: skip
+    acc = Accelerator(cpu=True)
+    precision = resolve_precision(cfg.dtype, acc.device, "none")
+    model = add_lora(load_model(ref, precision, "none", acc.device), fcfg, quantized=False)
+    model.train()
+
+    # Scope LoRA adapter sub-modules and attention so their ops are attributed to them.
+    def scoped(mod, label):
+        fwd = mod.forward
+
+        def wrapped(*a, **k):
+            with record_function(f"scope::{label}"):
+                return fwd(*a, **k)
+
+        mod.forward = wrapped
+
+    for m in model.modules():
+        if isinstance(m, LoraLayer):
+            for d in (m.lora_A, m.lora_B, m.lora_dropout):
+                for sub in d.values():
+                    scoped(sub, "lora")
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=1e-4)
+    autocast = (lambda: torch.autocast("cpu", dtype=precision.autocast)) if precision.autocast \
+        else contextlib.nullcontext  # fmt: skip
+    chunk = cfg.loss_chunk_size or None
+
+    def step(i):
+        batch = pack_rows(rows[i * cfg.rows : (i + 1) * cfg.rows])
+        with autocast():
+            loss, n = causal_lm_loss_sum(model, batch, chunk)
+        (loss / max(n, 1)).backward()
+        with record_function("scope::optimizer"):
+            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return int(batch["input_ids"].numel())
+
+    for i in range(cfg.warmup):
+        step(i)
+    tokens = 0
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        t0 = time.perf_counter()
+        for i in range(cfg.warmup, cfg.warmup + cfg.steps):
+            tokens += step(i)
+        wall = time.perf_counter() - t0
+
+    vocab = model.get_output_embeddings().weight.shape[0]
+    totals: dict[str, float] = defaultdict(float)
+
+    def scope_of(e) -> str:
+        p = e.cpu_parent
+        while p is not None:
+            if p.name.startswith("scope::"):
+                return p.name.split("::", 1)[1]
+            if p.name.startswith("Optimizer."):
+                return "optimizer"
+            p = p.cpu_parent
+        return ""
+
+    in_ops = 0.0
+    for e in prof.events():
+        self_us = e.self_cpu_time_total
+        if self_us <= 0 or e.name.startswith("scope::"):
+            continue
+        totals[bucket(e.name, e.input_shapes or [], scope_of(e), cfg.lora_r, vocab)] += self_us
+        in_ops += self_us
+    n_threads = torch.get_num_threads()
+    wall_us = wall * 1e6
+    print(f"# profile: {cfg.steps} micro-steps of {cfg.rows} packed rows, {tokens} tokens, "
+          f"{precision.label}, LoRA r={cfg.lora_r} on {','.join(cfg.lora_target_modules)}, "
+          f"chunk {cfg.loss_chunk_size}, {n_threads} threads")  # fmt: skip
+    print(f"# wall {wall:.2f} s under the profiler = {tokens / wall:.0f} tok/s "
+          "(the profiler itself costs some %)\n")  # fmt: skip
+    print("| bucket | self CPU ms / step | share of op time |")
+    print("|---|---|---|")
+    for k, v in sorted(totals.items(), key=lambda kv: -kv[1]):
+        print(f"| {k} | {v / 1e3 / cfg.steps:.1f} | {v / in_ops:.1%} |")
+    print(
+        f"| all ops (self CPU, summed over threads' op calls) | {in_ops / 1e3 / cfg.steps:.1f} | 100% |"
+    )
+    print(f"| wall time per step | {wall_us / 1e3 / cfg.steps:.1f} | |")
+    if cfg.top:
+        print()
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=cfg.top))
+    return 0
+
+
+if __name__ == "__main__":
+    cli.run(cli.build_command(ProfileConfig, main, __doc__))

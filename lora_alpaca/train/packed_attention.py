@@ -1,0 +1,118 @@
+"""Attention over a packed micro-batch that computes only the block-diagonal part.
+
+A packed micro-batch is one [1, T] sequence of rows with position ids restarting at 0
+(data/packing.py). transformers' sdpa path builds the block-diagonal causal [T, T] mask and
+hands it to torch's sdpa, which then computes all T x T scores (a masked kernel cannot skip
+blocks) and, on CPU, falls to a slower masked kernel in backward. Profiled on SmolLM2 with
+4 Alpaca rows (bench/profile_step.py): attention was a third of the step. Running sdpa once
+per row costs sum(L_i^2) instead of T^2: ~4x less for 4 rows.
+
+flash-attention varlen does this on GPU; torch has no varlen attention on CPU and flex
+attention needs torch.compile to be fast, hence this small function, registered with transformers'
+AttentionInterface so the model code is untouched. Anything that is not a packed sequence
+(padded batches, a cache, left padding) goes to transformers' own sdpa function unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+NAME = "lora_alpaca_packed_sdpa"
+
+
+def row_lengths(position_ids: torch.Tensor | None) -> list[int] | None:
+    """Row lengths when position_ids is [1, T] of concatenated 0..L-1 ranges, else None."""
+    if position_ids is None or position_ids.dim() != 2 or position_ids.shape[0] != 1:
+        return None
+    pos = position_ids[0]
+    if pos.numel() == 0 or int(pos[0]) != 0:
+        return None
+    step = pos[1:] - pos[:-1]
+    if not bool(((step == 1) | (pos[1:] == 0)).all()):
+        return None  # e.g. a left-padded prompt: positions 1,1,0,1,2...
+    starts = torch.nonzero(pos == 0).flatten().tolist() + [pos.numel()]
+    return [b - a for a, b in zip(starts[:-1], starts[1:])]
+
+
+# One forward calls attention once per layer with the same position_ids tensor: compute the
+# row lengths (a host sync) once per forward, not once per layer.
+_cache: dict = {"ids": None, "lengths": None}
+
+
+def _cached_lengths(position_ids):
+    if _cache["ids"] is not position_ids:
+        _cache["ids"], _cache["lengths"] = position_ids, row_lengths(position_ids)
+    return _cache["lengths"]
+
+
+def packed_sdpa_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
+                        is_causal=None, **kwargs):  # fmt: skip
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    lengths = None
+    if query.shape[0] == 1 and query.shape[2] == key.shape[2] and query.shape[2] > 1:
+        lengths = _cached_lengths(kwargs.get("position_ids"))
+    # Only plain causal attention is rewritten: softcapping, position biases, sliding windows
+    # (Mistral, Qwen2 sliding layers) and non-causal modules keep transformers' own path.
+    special = any(kwargs.get(k) is not None for k in ("softcap", "position_bias", "sliding_window"))
+    if lengths is None or special or not getattr(module, "is_causal", True) or is_causal is False:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, is_causal=is_causal, **kwargs)  # fmt: skip
+    return _rows_attention(query, key, value, lengths, dropout, scaling, module.training), None
+
+
+def _rows_attention(query, key, value, lengths, dropout, scaling, training):
+    # Plain matmul + softmax per row, not torch's sdpa: on this CPU (bench/profile_step.py,
+    # BENCHMARKS.md) the flash-attention-for-CPU kernel ran fwd+bwd of 4 causal 120-token rows
+    # 1.4x faster per row than masked over the whole pack, but this eager form 2.4x: its
+    # bmm calls hit the bf16 GEMM, the flash kernel's small blocks do not. The cost is the
+    # [H, L, L] scores held for backward, per row (L <= cutoff_len), as HF's eager path does.
+    _, heads, _, dim = query.shape
+    kv_heads = key.shape[1]
+    groups = heads // kv_heads
+    scale = scaling if scaling is not None else dim**-0.5
+    outs, start = [], 0
+    for n in lengths:
+        # GQA without repeat_kv: [1, kv, groups, n, d] queries against [1, kv, 1, n, d] keys.
+        q = query[:, :, start : start + n].reshape(1, kv_heads, groups, n, dim)
+        k = key[:, :, start : start + n].unsqueeze(2)
+        v = value[:, :, start : start + n].unsqueeze(2)
+        scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale
+        if n > 1:
+            scores = scores.masked_fill(_upper(n, scores.device), float("-inf"))
+        probs = scores.softmax(-1).to(v.dtype)  # fp32 softmax, like HF's eager attention
+        if dropout and training:
+            probs = F.dropout(probs, p=dropout)
+        outs.append(torch.matmul(probs, v).reshape(1, heads, n, dim))
+        start += n
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+    return out.transpose(1, 2).contiguous()
+
+
+_upper_cache: dict = {}
+
+
+def _upper(n: int, device) -> torch.Tensor:
+    """[n, n] bool, True above the diagonal (future positions), from one cached matrix."""
+    big = _upper_cache.get(device)
+    if big is None or big.shape[0] < n:
+        size = max(n, 512)
+        big = torch.ones(size, size, dtype=torch.bool, device=device).triu(1)
+        _upper_cache[device] = big
+    return big[:n, :n]
+
+
+def use_packed_attention(model) -> bool:
+    """Switch a model that runs transformers' sdpa to the packed function; True if switched."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "_attn_implementation", None) != "sdpa":
+        return False
+    AttentionInterface.register(NAME, packed_sdpa_forward)
+    # The same mask as sdpa, for the calls that fall back to sdpa (padded batches).
+    ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)
+    model.set_attn_implementation(NAME)
+    return True
