@@ -83,6 +83,22 @@ def test_bad_flags_are_one_line(ship_bundle, tmp_path):
     assert not (tmp_path / "y").exists()
 
 
+def test_bundle_default_plan():
+    """--bundle with no --gguf / --gguf_lora: the files hobbyists download (f16 and q4_k_m
+    merged, the f16 LoRA GGUF); a --gguf list the user gives wins; without --bundle nothing
+    is added."""
+    from lora_alpaca.export.app import ExportConfig
+    from lora_alpaca.export.merge import bundle_plan
+
+    assert bundle_plan(ExportConfig(bundle=True), []) == (["f16", "q4_k_m"], "f16")
+    assert bundle_plan(ExportConfig(bundle=True), ["q8_0"]) == (["q8_0"], "f16")
+    assert bundle_plan(ExportConfig(bundle=True, gguf_lora="q8_0"), []) == (
+        ["f16", "q4_k_m"],
+        "q8_0",
+    )
+    assert bundle_plan(ExportConfig(), []) == ([], None)
+
+
 @pytest.mark.parametrize("spec", ["alpaca", "chatml"])
 def test_modelfile_template_reproduces_the_renderer(tiny_model, spec):
     """The pieces the Go TEMPLATE is built from render every parity conversation as the
