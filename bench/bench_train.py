@@ -171,6 +171,28 @@ def lora_config(cfg: BenchConfig):
     )
 
 
+def trainer_arguments(cfg: BenchConfig, device: torch.device, name: str) -> dict:
+    """The TrainingArguments both Trainer-based recipes share: same steps, schedule and seed."""
+    return dict(
+        output_dir=str(Path(os.environ.get("TMPDIR", "/tmp")) / name),
+        per_device_train_batch_size=cfg.micro_batch_size,
+        gradient_accumulation_steps=cfg.batch_size // cfg.micro_batch_size,
+        max_steps=cfg.rows // cfg.batch_size,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type="linear",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        logging_steps=10,
+        save_strategy="no",
+        report_to=[],
+        seed=cfg.seed,
+        use_cpu=device.type == "cpu",
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+
+
 def run_plain(cfg: BenchConfig, ref, tokenizer, rows: list[dict], device: torch.device) -> dict:
     """HF Trainer + pad-to-longest collator, fp32 (fp16 autocast on GPU), full logits."""
     from datasets import Dataset
@@ -197,24 +219,9 @@ def run_plain(cfg: BenchConfig, ref, tokenizer, rows: list[dict], device: torch.
     torch.manual_seed(cfg.seed)
     model = get_peft_model(model, lora_config(cfg))
     args = TrainingArguments(
-        output_dir=str(Path(os.environ.get("TMPDIR", "/tmp")) / "bench-plain"),
-        per_device_train_batch_size=cfg.micro_batch_size,
-        gradient_accumulation_steps=cfg.batch_size // cfg.micro_batch_size,
-        max_steps=cfg.rows // cfg.batch_size,
-        learning_rate=cfg.learning_rate,
-        lr_scheduler_type="linear",
-        warmup_steps=0,
-        weight_decay=0.0,
-        max_grad_norm=1.0,
+        **trainer_arguments(cfg, device, "bench-plain"),
         fp16=device.type == "cuda",
-        logging_steps=10,
-        save_strategy="no",
-        report_to=[],
-        seed=cfg.seed,
-        use_cpu=device.type == "cpu",
-        dataloader_num_workers=0,
         remove_unused_columns=False,
-        disable_tqdm=True,
     )
     trainer = Trainer(
         model=model,
@@ -244,25 +251,10 @@ def run_trl(cfg: BenchConfig, ref, tokenizer, rows: list[dict], device: torch.de
     from trl import SFTConfig, SFTTrainer
 
     args = SFTConfig(
-        output_dir=str(Path(os.environ.get("TMPDIR", "/tmp")) / "bench-trl"),
-        per_device_train_batch_size=cfg.micro_batch_size,
-        gradient_accumulation_steps=cfg.batch_size // cfg.micro_batch_size,
-        max_steps=cfg.rows // cfg.batch_size,
-        learning_rate=cfg.learning_rate,
-        lr_scheduler_type="linear",
-        warmup_steps=0,
-        weight_decay=0.0,
-        max_grad_norm=1.0,
+        **trainer_arguments(cfg, device, "bench-trl"),
         bf16=True,
         padding_free=True,
         max_length=None,  # rows are already cut to cutoff_len (trl refuses both with padding_free)
-        logging_steps=10,
-        save_strategy="no",
-        report_to=[],
-        seed=cfg.seed,
-        use_cpu=device.type == "cpu",
-        dataloader_num_workers=0,
-        disable_tqdm=True,
     )
     torch.manual_seed(cfg.seed)
     trainer = SFTTrainer(
