@@ -19,7 +19,7 @@ from pathlib import Path
 
 from lora_alpaca.errors import UsageError
 from lora_alpaca.fileio import discard, expand_user, rename_into_place, temp_dir_beside
-from lora_alpaca.log import log
+from lora_alpaca.log import log, no_gguf_progress_bar
 from lora_alpaca.progress import stage
 
 DEFAULT_BASE_MODEL = "SmolLM2-135M-Instruct"
@@ -64,9 +64,10 @@ def _convert(gguf_file: Path, out_dir: Path) -> Path:
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
-        model = AutoModelForCausalLM.from_pretrained(
-            gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32
-        )
+        with no_gguf_progress_bar():
+            model = AutoModelForCausalLM.from_pretrained(
+                gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32
+            )
     except (ValueError, KeyError, RuntimeError) as e:
         raise UsageError(
             f"--base_model {gguf_file}: transformers cannot load this GGUF ({e})"

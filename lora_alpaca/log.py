@@ -7,6 +7,7 @@ reports). With a tqdm bar running, lines go through `bar.write` so they do not t
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
@@ -29,3 +30,20 @@ def log(msg: str, bar=None, *, tag: str = "") -> None:
 
 def warn(msg: str, *, tag: str = "") -> None:
     log(f"warning: {msg}", tag=tag)
+
+
+@contextlib.contextmanager
+def no_gguf_progress_bar():
+    """transformers' GGUF reader draws its own tqdm bar ("Converting and de-quantizing GGUF
+    tensors...") straight from tqdm, outside its logging switches, and off a terminal it
+    prints one line per refresh into our logs. Our stage lines already time that step."""
+    from functools import partial
+
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    original = gguf_utils.tqdm
+    gguf_utils.tqdm = partial(original, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = original

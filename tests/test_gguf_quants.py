@@ -10,10 +10,9 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
-import torch
 from adapters import make_adapter
-from conftest import run_script
-from tiny import make_tokenizer
+from conftest import export
+from tiny import make_tiny_model
 
 from lora_alpaca.errors import UsageError
 from lora_alpaca.export import quants
@@ -163,46 +162,23 @@ def make_wide_tiny(out_dir: Path) -> Path:
     mostly predicts its input token, with a margin quantization noise cannot close, while a
     wrong packing of token_embd (Q4_K) or output (Q6_K) would still wreck the logits.
     """
-    from transformers import AutoModelForCausalLM, LlamaConfig
 
-    tok = make_tokenizer(out_dir)
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=256,
-        intermediate_size=512,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-    )
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():
+    def head_is_embedding(model):
         model.model.embed_tokens.weight.normal_(0.0, 1.0)
         model.lm_head.weight.copy_(model.model.embed_tokens.weight)
-    model.save_pretrained(out_dir)
-    return out_dir
+
+    return make_tiny_model(out_dir, hidden_size=256, intermediate_size=512,
+                           max_position_embeddings=512, edit=head_is_embedding)  # fmt: skip
 
 
 def test_export_q4_k_m_and_q5_k_m(tmp_path):
     base = make_wide_tiny(tmp_path / "base")
     adapter = make_adapter(base, tmp_path / "ad")
     out = tmp_path / "out"
-    r = run_script(
-        "export_hf_checkpoint.py",
-        "--lora_weights",
-        adapter,
-        "--output_dir",
-        out,
-        "--gguf",
-        "q4_k_m,q5_k_m",
-        "--gguf_only",
-        "--parity_prompts",
-        "4",
-    )
+    r = export(adapter, out, "--gguf", "q4_k_m,q5_k_m", "--gguf_only", "--parity_prompts", "4")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    # transformers' own GGUF-reading progress bar is silenced (our stage lines time it).
+    assert "de-quantizing GGUF tensors" not in r.stdout + r.stderr
     assert sorted(p.name for p in out.glob("*.gguf")) == ["model-q4_k_m.gguf", "model-q5_k_m.gguf"]
     want = {
         "q4_k_m": {"blk.0.attn_v.weight": T.Q4_K, "blk.1.attn_v.weight": T.Q6_K},

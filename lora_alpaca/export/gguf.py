@@ -19,6 +19,7 @@ import torch
 
 from lora_alpaca.errors import UsageError
 from lora_alpaca.export.quants import FILE_TYPES, quantize, tensor_type
+from lora_alpaca.log import no_gguf_progress_bar
 from lora_alpaca.prompts import PromptTemplate
 
 GGUF_TYPES = tuple(FILE_TYPES)
@@ -272,8 +273,9 @@ def load_gguf_model(path: Path):
     with tempfile.TemporaryDirectory(prefix="gguf-read-") as alone:
         link = Path(alone) / path.name
         link.symlink_to(Path(path).resolve())
-        model = AutoModelForCausalLM.from_pretrained(
-            alone, gguf_file=path.name, dtype=torch.float32
-        )
+        with no_gguf_progress_bar():
+            model = AutoModelForCausalLM.from_pretrained(
+                alone, gguf_file=path.name, dtype=torch.float32
+            )
         tokenizer = AutoTokenizer.from_pretrained(alone, gguf_file=path.name)
     return model.eval(), tokenizer
