@@ -136,6 +136,12 @@ def finetune(
     return run_script("finetune.py", *argv, env=env, timeout=timeout, cwd=cwd)
 
 
+def export(adapter, out, *args, env: dict | None = None, timeout: int = 900):
+    """export_hf_checkpoint.py --lora_weights ADAPTER --output_dir OUT plus `args`, a real process."""
+    return run_script("export_hf_checkpoint.py", "--lora_weights", adapter, "--output_dir", out,
+                      *args, env=env, timeout=timeout)  # fmt: skip
+
+
 def readme_quickstart_commands() -> dict[str, list[str]]:
     """The finetune.py and generate.py invocations of the README's first Quickstart command,
     so the tests run exactly what the README tells users to run."""

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import finetune, run_script
+from conftest import export, finetune, run_script
 from test_conversations import CHATML
 from tiny import make_tiny_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -65,19 +65,7 @@ def test_chat_adapter_export_template_parity(chatml_model, tmp_path):
     assert AutoTokenizer.from_pretrained(adapter).chat_template == CHATML
 
     out = tmp_path / "merged"
-    r = run_script(
-        "export_hf_checkpoint.py",
-        "--lora_weights",
-        adapter,
-        "--output_dir",
-        out,
-        "--dtype",
-        "fp32",
-        "--gguf",
-        "q8_0",
-        "--parity_prompts",
-        "2",
-    )
+    r = export(adapter, out, "--dtype", "fp32", "--gguf", "q8_0", "--parity_prompts", "2")
     assert r.returncode == 0, r.stdout + r.stderr[-3000:]
     assert "parity PASS chat template (training renderer / tokenizer / GGUF)" in r.stdout, r.stdout
     assert AutoTokenizer.from_pretrained(out).chat_template == CHATML

@@ -7,6 +7,7 @@ nothing written), plus real-process tests for the output-folder lock.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -282,12 +283,25 @@ def test_output_dir_lock_two_processes_and_stale_takeover(shared, tmp_path):
     assert (out / "lora_alpaca.json").is_file() and not (out / ".lora_alpaca.lock").exists()
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
-def test_disk_full_mid_checkpoint_one_line_keeps_last_good(shared, tmp_path):
-    mnt = tmp_path / "small"
+@contextlib.contextmanager
+def small_disk(tmp_path: Path, name: str, size: str, read_only: bool = False):
+    """A tmpfs of `size` mounted at tmp_path/name (read-only if asked), unmounted after.
+    Mounting needs root: CI runs as root; elsewhere the test is skipped."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root (CI runs as root)")
+    mnt = tmp_path / name
     mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(mnt)], check=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)], check=True)
     try:
+        if read_only:
+            subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_disk_full_mid_checkpoint_one_line_keeps_last_good(shared, tmp_path):
+    with small_disk(tmp_path, "small", "48m") as mnt:
         data = tmp_path / "d.json"
         data.write_text(json.dumps(GOOD_ROWS * 4))
         out = mnt / "run"
@@ -317,17 +331,10 @@ def test_disk_full_mid_checkpoint_one_line_keeps_last_good(shared, tmp_path):
         good = [p for p in root.iterdir() if p.name.startswith("checkpoint-")]
         assert good and all((p / "COMPLETE").is_file() for p in good)
         assert not list(root.glob(".tmp-*"))
-    finally:
-        subprocess.run(["umount", str(mnt)], check=False)
 
 
 def test_no_space_for_a_run_is_refused_before_model_load(shared, tmp_path, capsys, monkeypatch):
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root")
-    mnt = tmp_path / "tiny-disk"
-    mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], check=True)
-    try:
+    with small_disk(tmp_path, "tiny-disk", "1m") as mnt:
         monkeypatch.setenv("LORA_ALPACA_CACHE", str(tmp_path / "cache"))
         w = World(shared["tiny"], shared["other"], shared["adapter"], shared["good_data"], tmp_path)
         r = run_cli("finetune", *ft(w, "--output_dir", mnt / "run"))
@@ -342,21 +349,13 @@ def test_no_space_for_a_run_is_refused_before_model_load(shared, tmp_path, capsy
             r = run_cli(script, *argv)
             check_one_line(r.returncode, r.stderr, (flag, "free", "needs about"), script)
             assert list(mnt.iterdir()) == [], script
-    finally:
-        subprocess.run(["umount", str(mnt)], check=False)
 
 
 def test_read_only_file_system_refused_by_every_script_before_model_load(shared, tmp_path):
     """A read-only mount (a tmpfs the test mounts, remounted ro) through the three real
     scripts: one line, exit 2, nothing else on stderr (each script logs once the model
     has loaded), no dataset cache."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a read-only tmpfs needs root (CI runs as root)")
-    mnt = tmp_path / "ro"
-    mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], check=True)
-    try:
-        subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
+    with small_disk(tmp_path, "ro", "4m", read_only=True) as mnt:
         w = World(shared["tiny"], shared["other"], shared["adapter"], shared["good_data"], tmp_path)
         cache = tmp_path / "cache"
         env = {**os.environ, "LORA_ALPACA_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
@@ -375,8 +374,6 @@ def test_read_only_file_system_refused_by_every_script_before_model_load(shared,
             line = check_one_line(p.returncode, p.stderr, (flag, "read-only file system"), script)
             assert p.stderr.strip().splitlines() == [line], (script, p.stderr[-2000:])
         assert not cache.exists() and list(mnt.iterdir()) == []
-    finally:
-        subprocess.run(["umount", str(mnt)], check=False)
 
 
 def test_val_set_size_fraction_on_cli_and_yaml(shared, tmp_path):

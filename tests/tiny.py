@@ -42,8 +42,18 @@ def make_tokenizer(out_dir: Path):
     return fast
 
 
-def make_tiny_model(out_dir: Path, arch: str = "llama", tie: bool = False, seed: int = 0) -> Path:
-    """Write a tiny random model + tokenizer to `out_dir` and return it."""
+def make_tiny_model(
+    out_dir: Path,
+    arch: str = "llama",
+    tie: bool = False,
+    seed: int = 0,
+    hidden_size: int = 64,
+    intermediate_size: int = 128,
+    max_position_embeddings: int = 4096,
+    edit=None,
+) -> Path:
+    """Write a tiny random model + tokenizer to `out_dir` and return it. `edit(model)`, if
+    given, changes the random weights (under no_grad) before saving."""
     from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
 
     out_dir = Path(out_dir)
@@ -51,12 +61,12 @@ def make_tiny_model(out_dir: Path, arch: str = "llama", tie: bool = False, seed:
     tok = make_tokenizer(out_dir)
     common = dict(
         vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=4096,
+        max_position_embeddings=max_position_embeddings,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         tie_word_embeddings=tie,
@@ -64,5 +74,8 @@ def make_tiny_model(out_dir: Path, arch: str = "llama", tie: bool = False, seed:
     config = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[arch](**common)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if edit is not None:
+        with torch.no_grad():
+            edit(model)
     model.save_pretrained(out_dir)
     return out_dir
