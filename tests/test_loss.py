@@ -51,6 +51,29 @@ def test_plain_loss_matches_transformers_own_loss(model):
     assert ours.item() == pytest.approx(hf.item() * n, rel=1e-5)
 
 
+def test_frozen_head_takes_the_fused_path_and_a_trainable_head_the_checkpointed_one(model):
+    """The usual LoRA run (frozen lm_head) never calls lm_head: dL/dh is made in forward,
+    no logits are recomputed. A trained head (e.g. modules_to_save) is called (forward +
+    recompute) and still gets the exact plain-loss gradient, its own included."""
+    head = model.get_base_model().lm_head
+    calls = []
+    hook = head.register_forward_hook(lambda *a: calls.append(1))
+    batch = pack_rows(make_rows(model.config.vocab_size, LENGTHS, seed=9))
+    try:
+        loss_and_grads(model, [batch], chunk_size=32)
+        assert calls == []
+        head.weight.requires_grad_(True)
+        chunked = loss_and_grads(model, [batch], chunk_size=32)
+        assert len(calls) > 1  # every chunk's forward, and the recomputes in backward
+        plain = loss_and_grads(model, [batch], chunk_size=None)
+        assert "base_model.model.lm_head.weight" in chunked[2]
+        assert_same(chunked, plain)
+    finally:
+        head.weight.requires_grad_(False)
+        head.weight.grad = None
+        hook.remove()
+
+
 def test_tied_embeddings(tmp_path):
     path = make_tiny_model(tmp_path / "tied", tie=True)
     model = lora_model(path, "sdpa")

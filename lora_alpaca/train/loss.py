@@ -8,9 +8,18 @@ the training loop divide by the whole window's count, so every layout optimizes 
 Why chunked: the [tokens, vocab] logits (plus their fp32 copy and log-softmax saved for
 backward) dominate activation memory for large vocabularies (49152 for SmolLM2, 128k for
 Llama 3). We run the decoder body for hidden states, keep only the positions that have a
-target, and run lm_head + cross-entropy chunk by chunk under activation checkpointing, so at
-most one chunk of logits exists at a time, in forward and in backward. torch has no fused
-linear+cross-entropy op on CPU, hence this hand-written loop.
+target, and run lm_head + cross-entropy chunk by chunk, so at most one chunk of logits exists
+at a time, in forward and in backward.
+
+Why the gradient is made in forward (`_FrozenHeadCrossEntropy`): with a frozen lm_head (every
+LoRA run that does not train the head) the only gradient the loss passes back is dL/dh =
+(softmax - onehot) @ W. Computing it chunk by chunk while the chunk's logits exist costs two
+vocabulary matmuls per chunk and keeps only [tokens, hidden] for backward; checkpointing
+instead costs three (forward, recompute, backward) plus a saved log-softmax. Profiled on
+SmolLM2 (BENCHMARKS.md): the loss was ~20% of a CPU step. This is the fused linear +
+cross-entropy of Liger / Apple's cut-cross-entropy, which exist only as GPU kernels; torch
+has no such op, hence these few lines. A trainable head (or one sharded as a DTensor) takes
+the checkpointed path.
 """
 
 from __future__ import annotations
@@ -26,8 +35,10 @@ MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
 # Cohere scale, Granite scaling). The chunked path would silently skip that step, so such
 # models take the exact (HF forward) path instead.
 LOGIT_POSTPROCESS_FIELDS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
-# bench/speed_variants.py sets this to measure the old behaviour (checkpoint every chunk).
+# bench/speed_variants.py sets these to measure the old behaviours: checkpoint every chunk;
+# the checkpointed path even where the fused frozen-head path applies.
 _RECOMPUTE_LAST_CHUNK = False
+_CHECKPOINTED_LOSS = False
 
 
 def _causal_lm(model):
@@ -48,6 +59,49 @@ def _chunk_ce_sum(
     # vocabulary loses about 2 significant digits of the loss.
     logits = lm_head(hidden).float()
     return F.cross_entropy(logits, targets, reduction="sum")
+
+
+class _FrozenHeadCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of `hidden @ weight.T` against `targets`, chunk by chunk, with
+    dL/dhidden computed in forward (weight is frozen: no gradient for it). Matmuls follow
+    the ambient autocast like lm_head would; the softmax is fp32."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_size):
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad = torch.empty_like(hidden)
+        for start in range(0, hidden.shape[0], chunk_size):
+            h, y = hidden[start : start + chunk_size], targets[start : start + chunk_size]
+            logits = torch.matmul(h, weight.t()).float()  # [n, V]
+            rows = torch.arange(len(y), device=y.device)
+            picked = logits[rows, y]
+            peak = logits.amax(dim=-1, keepdim=True)
+            logits.sub_(peak).exp_()  # in place: the chunk's one [n, V] buffer
+            sums = logits.sum(dim=-1, keepdim=True)
+            total += (sums.log() + peak).sum() - picked.sum()
+            logits.div_(sums)  # softmax
+            logits[rows, y] -= 1.0  # d(loss)/d(logits)
+            grad[start : start + chunk_size] = torch.matmul(logits.to(h.dtype), weight)
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_total.to(grad.dtype), None, None, None
+
+
+def _frozen_head_weight(lm_head, hidden) -> torch.Tensor | None:
+    """lm_head's weight if the fused path applies: a plain bias-free Linear whose weight is
+    a frozen ordinary tensor, while the hidden states need a gradient."""
+    if type(lm_head) is not torch.nn.Linear or lm_head.bias is not None:
+        return None
+    weight = lm_head.weight
+    if weight.requires_grad or type(weight) not in (torch.Tensor, torch.nn.Parameter):
+        return None  # trainable head, or a DTensor shard under FSDP2
+    if not (torch.is_grad_enabled() and hidden.requires_grad):
+        return None  # evaluation: the checkpointed path does no backward work either
+    return weight
 
 
 def _supports_chunking(causal_lm) -> bool:
@@ -99,6 +153,11 @@ def causal_lm_loss_sum(
         # Keep the graph connected so backward() works on a micro-batch with nothing to learn.
         return hidden.sum() * 0.0, 0
     lm_head = causal_lm.get_output_embeddings()
+    weight = _frozen_head_weight(lm_head, selected)
+    if weight is not None and not _CHECKPOINTED_LOSS:
+        if torch.is_autocast_enabled(hidden.device.type):
+            selected = selected.to(torch.get_autocast_dtype(hidden.device.type))
+        return _FrozenHeadCrossEntropy.apply(selected, weight, selected_targets, chunk_size), count
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, count, chunk_size):
         h = selected[start : start + chunk_size]
