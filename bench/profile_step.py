@@ -12,7 +12,6 @@ is wall time not inside any profiled op: interpreter, module hooks, autograd boo
 
 from __future__ import annotations
 
-import contextlib
 import sys
 import time
 from collections import defaultdict
@@ -25,23 +24,17 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from step_setup import StepConfig, setup_step  # noqa: E402
+
 from lora_alpaca import cli  # noqa: E402
 from lora_alpaca.cli import field  # noqa: E402
 
 
 @dataclass
-class ProfileConfig:
-    base_model: str | None = field(None, "Base model folder (default: SmolLM2-135M-Instruct).")
-    rows: int = field(4, "Rows per micro-batch (packed into one sequence).")
-    cutoff_len: int = field(256, "Maximum tokens per row.")
-    lora_r: int = field(8, "LoRA rank.")
-    lora_target_modules: list[str] = field(["q_proj", "v_proj"], "LoRA target modules.")
-    loss_chunk_size: int = field(256, "Chunked loss chunk (0 = full logits).")
-    dtype: str = field("auto", "dtype as finetune.py's --dtype.", choices=["auto", "bf16", "fp32"])
+class ProfileConfig(StepConfig):
     warmup: int = field(2, "Unprofiled steps first.")
     steps: int = field(3, "Profiled steps.")
     top: int = field(0, "Also print the top-N ops by self CPU time (0 = no).")
-    seed: int = field(42, "Row sampling seed.")
 
 
 # Bucket of an op, by name and input shapes (forward and backward alike: a LoRA matmul has
@@ -58,8 +51,14 @@ def bucket(name: str, shapes: list, scope: str, rank: int, vocab: int) -> str:
         return "loss: lm_head matmuls (fwd, recompute, bwd) + cross-entropy"
     if name in CASTS:
         return "dtype casts / copies (autocast, fp32<->bf16)"
-    if "attention" in name or "sdpa" in name or "flash" in name:
-        return "attention (sdpa over the packed sequence)"
+    # Per-row attention (train/packed_attention.py) is bmm + softmax + masked_fill; the
+    # projections and LoRA are 2-D mm / addmm, so a bmm is attention in forward and backward.
+    if (
+        scope == "attention"
+        or name == "aten::bmm"
+        or any(k in name for k in ("attention", "sdpa", "flash", "_softmax", "masked_fill"))
+    ):
+        return "attention (per row of the pack: bmm, softmax, mask)"
     if scope == "mask" or name in (
         "aten::eq",
         "aten::__and__",
@@ -92,28 +91,14 @@ def bucket(name: str, shapes: list, scope: str, rank: int, vocab: int) -> str:
 
 
 def main(cfg: ProfileConfig) -> int:
-    from accelerate import Accelerator
-    from bench_train import BenchConfig, load_rows
     from peft.tuners.lora import LoraLayer
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    from lora_alpaca.data.packing import pack_rows
-    from lora_alpaca.models import load_model, load_tokenizer, resolve_base_model, resolve_precision
-    from lora_alpaca.train.config import FinetuneConfig
-    from lora_alpaca.train.lora_setup import add_lora
+    from lora_alpaca.train import packed_attention
     from lora_alpaca.train.loss import causal_lm_loss_sum
 
-    ref = resolve_base_model(cfg.base_model)
-    tok = load_tokenizer(ref)
-    bcfg = BenchConfig(rows=cfg.rows * (cfg.warmup + cfg.steps), val_rows=0,
-                       cutoff_len=cfg.cutoff_len, seed=cfg.seed)  # fmt: skip
-    rows, _ = load_rows(bcfg, tok)
-    fcfg = FinetuneConfig(base_model=ref.path, dtype=cfg.dtype, lora_r=cfg.lora_r,
-                          lora_target_modules=list(cfg.lora_target_modules), output_dir="/tmp/x")  # fmt: skip
-    acc = Accelerator(cpu=True)
-    precision = resolve_precision(cfg.dtype, acc.device, "none")
-    model = add_lora(load_model(ref, precision, "none", acc.device), fcfg, quantized=False)
-    model.train()
+    bench = setup_step(cfg, cfg.warmup + cfg.steps)
+    model, precision = bench.model, bench.precision
 
     # Scope LoRA adapter sub-modules and attention so their ops are attributed to them.
     def scoped(mod, label):
@@ -125,26 +110,26 @@ def main(cfg: ProfileConfig) -> int:
 
         mod.forward = wrapped
 
+    rows_attention = packed_attention._rows_attention
+
+    def scoped_attention(*a, **k):
+        with record_function("scope::attention"):
+            return rows_attention(*a, **k)
+
+    packed_attention._rows_attention = scoped_attention  # looked up by name at each call
     for m in model.modules():
         if isinstance(m, LoraLayer):
             for d in (m.lora_A, m.lora_B, m.lora_dropout):
                 for sub in d.values():
                     scoped(sub, "lora")
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trainable, lr=1e-4)
-    autocast = (lambda: torch.autocast("cpu", dtype=precision.autocast)) if precision.autocast \
-        else contextlib.nullcontext  # fmt: skip
-    chunk = cfg.loss_chunk_size or None
 
     def step(i):
-        batch = pack_rows(rows[i * cfg.rows : (i + 1) * cfg.rows])
-        with autocast():
-            loss, n = causal_lm_loss_sum(model, batch, chunk)
+        batch = bench.batches[i]
+        with bench.autocast():
+            loss, n = causal_lm_loss_sum(model, batch, bench.chunk)
         (loss / max(n, 1)).backward()
         with record_function("scope::optimizer"):
-            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            bench.optimizer_step()
         return int(batch["input_ids"].numel())
 
     for i in range(cfg.warmup):
