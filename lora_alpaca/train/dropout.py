@@ -1,0 +1,57 @@
+"""LoRA dropout on CPU with a mask cut out of 64-bit random draws.
+
+Why: torch's CPU dropout draws one value per element from its (serial) mt19937 generator:
+3.2 ms for a [495, 576] input on this project's 2-core CPU, ~5% of a SmolLM2 training step
+with LoRA on q_proj,v_proj and ~9% with q,k,v,o (bench/profile_step.py, BENCHMARKS.md). One
+64-bit draw holds four independent uniform 16-bit numbers, so the same mask needs a quarter
+of the draws: 0.6 ms. The draws still come from torch's default generator, so `--seed`,
+resume (the saved RNG state) and per-rank streams behave exactly as with nn.Dropout.
+
+The drop probability is rounded to a multiple of 1/65536 (0.05 -> 0.0500031) and the kept
+values are scaled by 1/(1 - that probability), so the expectation is exact. GPUs keep
+nn.Dropout (their Philox generator is not the bottleneck).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+_LEVELS = 1 << 16
+
+
+class CpuDropout(nn.Dropout):
+    """nn.Dropout with the 16-bit mask on CPU in training; plain nn.Dropout otherwise."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0 or x.device.type != "cpu" or self.inplace:
+            return super().forward(x)
+        return x * scaled_mask(x.shape, self.p, x.dtype)
+
+
+def scaled_mask(shape, p: float, dtype: torch.dtype) -> torch.Tensor:
+    """0 with probability ~p, else 1/(1-p) (p rounded to a multiple of 1/65536)."""
+    n = 1
+    for d in shape:
+        n *= d
+    dropped = round(p * _LEVELS)
+    # Full 64-bit range: torch then fills every bit from the generator (random_full_64_bits).
+    draws = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(2**63), None)
+    uniform16 = draws.view(torch.int16)[:n].view(shape)  # each in [-32768, 32767], uniform
+    keep = uniform16 >= dropped - _LEVELS // 2
+    scale = _LEVELS / (_LEVELS - dropped)
+    return torch.where(keep, torch.tensor(scale, dtype=dtype), torch.tensor(0.0, dtype=dtype))
+
+
+def use_cpu_dropout(peft_model) -> int:
+    """Swap each LoRA layer's nn.Dropout for CpuDropout (same p); returns how many."""
+    from peft.tuners.lora import LoraLayer
+
+    swapped = 0
+    for module in peft_model.modules():
+        if isinstance(module, LoraLayer):
+            for name, drop in module.lora_dropout.items():
+                if type(drop) is nn.Dropout:
+                    module.lora_dropout[name] = CpuDropout(drop.p)
+                    swapped += 1
+    return swapped

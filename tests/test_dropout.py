@@ -1,0 +1,73 @@
+"""LoRA dropout on CPU (train/dropout.py): the distribution nn.Dropout has, from a quarter of
+the random draws, seeded and resumable by torch's own generator, installed by add_lora."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lora_alpaca.train.dropout import CpuDropout, scaled_mask
+
+
+def test_mask_is_bernoulli_with_exact_expectation():
+    torch.manual_seed(0)
+    n, p = 1 << 22, 0.05
+    mask = scaled_mask((n,), p, torch.float32)
+    kept = mask > 0
+    p_eff = round(p * 65536) / 65536
+    sigma = (p_eff * (1 - p_eff) / n) ** 0.5
+    assert abs((~kept).float().mean().item() - p_eff) < 5 * sigma
+    assert torch.all(mask[kept] == 1 / (1 - p_eff))
+    assert abs(mask.double().mean().item() - 1.0) < 5 * sigma / (1 - p_eff)  # E[mask] = 1
+    # The four 16-bit numbers of one 64-bit draw are each uniform: the same drop rate in
+    # every slot, and no correlation between neighbouring slots.
+    slots = (~kept).float().view(-1, 4)
+    for rate in slots.mean(0).tolist():
+        assert abs(rate - p_eff) < 5 * 2 * sigma
+    both = (slots[:, 0] * slots[:, 1]).mean().item()
+    assert abs(both - p_eff**2) < 5 * (p_eff**2 / (n / 4)) ** 0.5
+    # Consecutive masks differ (fresh draws), shapes other than multiples of 4 work.
+    odd = scaled_mask((7, 13), 0.5, torch.bfloat16)
+    assert odd.shape == (7, 13) and odd.dtype == torch.bfloat16
+    assert not torch.equal(scaled_mask((n,), p, torch.float32), mask)
+
+
+@pytest.mark.parametrize("p", [0.05, 0.5])
+def test_forward_backward_and_modes(p):
+    drop = CpuDropout(p).train()
+    x = torch.randn(64, 96, requires_grad=True)
+    torch.manual_seed(1)
+    y = drop(x)
+    (g,) = torch.autograd.grad(y.sum(), x)
+    mask = g  # d(sum(x * mask))/dx = mask
+    scale = 1 / (1 - round(p * 65536) / 65536)
+    assert all(v == 0.0 or v == pytest.approx(scale) for v in mask.unique().tolist())
+    assert 0 < (mask == 0).float().mean().item() < 1
+    torch.testing.assert_close(y, x * mask)
+    # Seeded by torch's generator: the same seed (or a restored RNG state) gives the same mask.
+    torch.manual_seed(1)
+    torch.testing.assert_close(drop(x), y)
+    state = torch.get_rng_state()
+    first = drop(x)
+    torch.set_rng_state(state)
+    torch.testing.assert_close(drop(x), first)
+    # Evaluation and p = 0 change nothing.
+    assert torch.equal(drop.eval()(x), x)
+    assert torch.equal(CpuDropout(0.0).train()(x), x)
+
+
+def test_add_lora_installs_it_on_every_lora_layer(tiny_model):
+    from peft.tuners.lora import LoraLayer
+    from transformers import AutoModelForCausalLM
+
+    from lora_alpaca.train.config import FinetuneConfig
+    from lora_alpaca.train.lora_setup import add_lora
+
+    cfg = FinetuneConfig(base_model=str(tiny_model), lora_dropout=0.1, output_dir="/tmp/unused",
+                         lora_target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])  # fmt: skip
+    model = add_lora(AutoModelForCausalLM.from_pretrained(tiny_model), cfg, quantized=False)
+    drops = [
+        d for m in model.modules() if isinstance(m, LoraLayer) for d in m.lora_dropout.values()
+    ]
+    assert len(drops) == 4 * model.config.num_hidden_layers
+    assert all(type(d) is CpuDropout and d.p == 0.1 for d in drops)
