@@ -7,7 +7,9 @@ plain   = HF Trainer + DataCollatorForSeq2Seq (pad to the longest row of each mi
           fp32 on CPU / fp16 autocast on GPU, full logits, no packing: the alpaca-lora recipe.
 project = lora_alpaca.train.loop.train_loop (the loop finetune.py runs) with the project's
           model loading (models.load_model / resolve_precision) and LoRA setup.
-trl     = trl's SFTTrainer, padding_free=True, bf16=True, on the same pre-tokenized rows (their
+trl     = trl's SFTTrainer, padding_free=True, bf16=True where the CPU/GPU has bf16 units
+          (--trl_bf16 auto; on a CPU without them bf16 matmuls are emulated at ~1/7 of fp32,
+          and a user would pick fp32), on the same pre-tokenized rows (their
           labels column is used as is), model and LoRA given the documented way (a path +
           peft_config): the recipe a user would pick instead on CPU. trl is a bench-only
           install (`pip install trl`), not a dependency of the project.
@@ -15,7 +17,8 @@ All get the same tokenized rows, LoRA settings, optimizer steps, learning-rate s
 seed. Held-out loss is measured the same way for both: each run's LoRA weights on an fp32
 copy of the base, fp32 compute, mean cross-entropy per supervised token.
 Share of peak = real tok/s x 4 x (model parameters) FLOP (forward + backward through the
-activations, no weight gradients) over a 2048^3 bf16 matmul's FLOP/s measured in the same
+activations, no weight gradients) over the machine's matmul peak: the faster of a 2048^3 bf16
+and a 2048^3 fp32 matmul (bf16 on AVX512-BF16 / AMX CPUs and GPUs, fp32 elsewhere), measured in the same
 process before the recipes run (the issue's yardstick; attention FLOPs are not counted).
 A markdown table goes to stdout and is appended to bench/results/<date>-<device>.md.
 """
@@ -75,6 +78,11 @@ class BenchConfig:
     packing: bool = field(True, "Project side: padding-free packed micro-batches.")
     loss_chunk_size: int = field(256, "Project side: chunked loss chunk (0 = full logits).")
     threads: int = field(0, "torch.set_num_threads for both recipes (0 = torch's default).")
+    trl_bf16: str = field(
+        "auto",
+        "trl recipe: bf16=True (on), False (off), or auto = on where bf16 matmuls are native.",
+        choices=["auto", "on", "off"],
+    )
     recipes: list[str] = field(
         ["plain", "trl", "project"], "Which recipes to run, in this order (plain, trl, project)."
     )
@@ -252,7 +260,7 @@ def run_trl(cfg: BenchConfig, ref, tokenizer, rows: list[dict], device: torch.de
 
     args = SFTConfig(
         **trainer_arguments(cfg, device, "bench-trl"),
-        bf16=True,
+        bf16=trl_bf16(cfg, device),
         padding_free=True,
         max_length=None,  # rows are already cut to cutoff_len (trl refuses both with padding_free)
     )
@@ -274,7 +282,8 @@ def run_trl(cfg: BenchConfig, ref, tokenizer, rows: list[dict], device: torch.de
         "wall_s": wall,
         "real_tokens": real,
         "share": 1.0,
-        "precision": f"{next(trainer.model.parameters()).dtype} weights, bf16 autocast",
+        "precision": f"{next(trainer.model.parameters()).dtype} weights"
+        + (", bf16 autocast" if args.bf16 else ""),
         "lora": {k: v.detach().float().cpu() for k, v in state.items()},
     }
 
@@ -288,10 +297,16 @@ def count_parameters(ref) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def bf16_peak_gflops(seconds: float = 3.0) -> float:
-    """FLOP/s of a 2048^3 bf16 matmul on this machine now (best of repeated runs)."""
-    a = torch.randn(2048, 2048, dtype=torch.bfloat16)
-    b = torch.randn(2048, 2048, dtype=torch.bfloat16)
+def trl_bf16(cfg: BenchConfig, device: torch.device) -> bool:
+    from lora_alpaca.models import bf16_supported
+
+    return {"on": True, "off": False}.get(cfg.trl_bf16, bf16_supported(device))
+
+
+def matmul_peak_gflops(dtype: torch.dtype, seconds: float = 3.0) -> float:
+    """FLOP/s of a 2048^3 matmul in `dtype` on this machine now (best of repeated runs)."""
+    a = torch.randn(2048, 2048, dtype=dtype)
+    b = torch.randn(2048, 2048, dtype=dtype)
     a @ b
     best, end = 0.0, time.perf_counter() + seconds
     while time.perf_counter() < end:
@@ -299,6 +314,11 @@ def bf16_peak_gflops(seconds: float = 3.0) -> float:
         a @ b
         best = max(best, 2 * 2048**3 / (time.perf_counter() - t0) / 1e9)
     return best
+
+
+def measure_peaks(when: str) -> dict[str, float]:
+    return {f"{dtype} {when}": matmul_peak_gflops(getattr(torch, dtype))
+            for dtype in ("bfloat16", "float32")}  # fmt: skip
 
 
 def run_project(cfg: BenchConfig, ref, tokenizer, rows: list[dict], device: torch.device) -> dict:
@@ -414,6 +434,10 @@ def machine() -> str:
         )
     if torch.cuda.is_available():
         cpu += f", GPU {torch.cuda.get_device_name()}"
+    from lora_alpaca.models import bf16_supported
+
+    native = "native" if bf16_supported(torch.device("cpu")) else "emulated"
+    cpu += f" ({torch.backends.cpu.get_cpu_capability()}, bf16 matmuls {native})"
     load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
     return f"{cpu}; {os.cpu_count()} cores, torch {torch.__version__} using {torch.get_num_threads()} threads; load average {load}"
 
@@ -427,7 +451,7 @@ def report(
     n_params: int,
 ) -> str:
     head = (
-        "| recipe | real tok/s | share of bf16 peak | real-token share | wall s | peak RSS MiB "
+        "| recipe | real tok/s | share of peak | real-token share | wall s | peak RSS MiB "
         "| held-out loss | vs plain | vs trl |"
     )
     lines = [head, "|---|---|---|---|---|---|---|---|---|"]
@@ -439,7 +463,7 @@ def report(
         vs = [f"{rate / rates[o]:.2f}x" if o in rates else "-" for o in ("plain", "trl")]
         label = {
             "plain": "plain (HF Trainer, padded, fp32)",
-            "trl": f"trl SFTTrainer (padding_free, bf16=True; {r.get('precision', '')})",
+            "trl": f"trl SFTTrainer (padding_free; {r.get('precision', '')})",
         }.get(
             name,
             f"project ({r.get('precision')}, packing {cfg.packing}, chunk {cfg.loss_chunk_size})",
@@ -457,7 +481,7 @@ def report(
         f"- workload: {cfg.rows} rows, {cfg.val_rows} held-out, cutoff {cfg.cutoff_len}, micro-batch "
         f"{cfg.micro_batch_size}, batch {cfg.batch_size} ({cfg.rows // cfg.batch_size} optimizer steps), "
         f"LoRA r={cfg.lora_r} alpha={cfg.lora_alpha} on {','.join(cfg.lora_target_modules)}\n"
-        f"- bf16 2048^3 matmul GFLOP/s measured in this run: {peaks} (share of peak uses the best); "
+        f"- 2048^3 matmul GFLOP/s measured in this run: {peaks} (share of peak uses the best); "
         f"{n_params / 1e6:.1f}M parameters, 4N = {flop_per_token / 1e9:.2f} GFLOP per token\n"
         f"- peak RSS: growth of the process's peak RSS during that recipe (VmHWM reset before it)\n\n"
         + "\n".join(lines)
@@ -480,7 +504,7 @@ def main(cfg: BenchConfig) -> int:
     tokenizer = load_tokenizer(ref)
     train_rows, val_rows = load_rows(cfg, tokenizer)
     n_params = count_parameters(ref)
-    peak = {"before": bf16_peak_gflops()}
+    peak = measure_peaks("before")
     runners = {"plain": run_plain, "trl": run_trl, "project": run_project}
     results = {}
     for name in cfg.recipes:
@@ -489,7 +513,7 @@ def main(cfg: BenchConfig) -> int:
             results[name] = runners[name](cfg, ref, tokenizer, train_rows, device)
         results[name]["peak_mib"] = mem.peak_mib
         gc.collect()
-    peak["after"] = bf16_peak_gflops()
+    peak.update(measure_peaks("after"))
     losses = heldout_losses(cfg, ref, val_rows, {k: v["lora"] for k, v in results.items()})
     text = report(cfg, results, losses, device, peak, n_params)
     print(text)

@@ -42,16 +42,17 @@ class VariantsConfig(StepConfig):
 
 # name -> settings; `attention`: transformers' "sdpa" (masked over the pack) or the project's
 # per-row function; `casts`: peft's fp32 cast of LoRA inputs; `recompute_last` / `checkpointed`:
-# the chunked loss's old behaviours; `chunk`: loss chunk size (None = the config's).
+# the chunked loss's old behaviours; `chunk`: loss chunk size (None = the config's);
+# `cpu_dropout`: train/dropout.py's mask instead of nn.Dropout's.
 BEFORE_ISSUE = dict(attention="sdpa", casts=True, recompute_last=True, checkpointed=True)
 LAST_SESSION = dict(attention="packed", casts=False, recompute_last=False, checkpointed=True)
+FUSED = dict(LAST_SESSION, checkpointed=False)
 VARIANTS = {
     "before issue 20 (masked sdpa, LoRA input casts, every loss chunk recomputed)": BEFORE_ISSUE,
     "per-row attention, no input casts, last chunk kept (2026-12-02 01:00)": LAST_SESSION,
-    "+ fused frozen-head loss (dL/dh in forward), chunk 256": dict(
-        LAST_SESSION, checkpointed=False
-    ),
-    "+ fused frozen-head loss, chunk 1024": dict(LAST_SESSION, checkpointed=False, chunk=1024),
+    "+ fused frozen-head loss (dL/dh in forward), chunk 256": FUSED,
+    "+ fused frozen-head loss, chunk 1024": dict(FUSED, chunk=1024),
+    "+ LoRA dropout from 64-bit draws (now)": dict(FUSED, cpu_dropout=True),
 }
 
 
@@ -69,7 +70,15 @@ def main(cfg: VariantsConfig) -> int:
     if cfg.variants != ["all"]:
         names = [names[int(v) - 1] for v in cfg.variants]
 
-    def set_variant(attention, casts, recompute_last, checkpointed, chunk=None):
+    from torch import nn
+
+    from lora_alpaca.train.dropout import CpuDropout
+
+    drops = [d for m in lora_layers for d in m.lora_dropout.values() if isinstance(d, nn.Dropout)]
+
+    def set_variant(attention, casts, recompute_last, checkpointed, chunk=None, cpu_dropout=False):
+        for d in drops:  # same p, the other mask generator
+            d.__class__ = CpuDropout if cpu_dropout else nn.Dropout
         base.set_attn_implementation(NAME if attention == "packed" else "sdpa")
         for m in lora_layers:
             m.cast_input_dtype_enabled = casts
