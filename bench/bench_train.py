@@ -476,7 +476,7 @@ def report(
     lines.append(f"| untrained base | | | | | | {losses['base']:.4f} | | |")
     date = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     command = "python bench/bench_train.py " + " ".join(sys.argv[1:])
-    peaks = ", ".join(f"{k} {v:.0f}" for k, v in peak.items())
+    peaks = ", ".join(f"{k} {v:.1f}" for k, v in peak.items())
     return (
         f"### {date} ({device.type})\n\n- machine: {machine()}\n- command: `{command}`\n"
         f"- workload: {cfg.rows} rows, {cfg.val_rows} held-out, cutoff {cfg.cutoff_len}, micro-batch "
