@@ -1,5 +1,5 @@
 """LoRA dropout on CPU (train/dropout.py): the distribution nn.Dropout has, from a quarter of
-the random draws, seeded and resumable by torch's own generator, installed by add_lora."""
+the random draws, seeded and resumable by torch's own generator."""
 
 from __future__ import annotations
 
@@ -54,20 +54,3 @@ def test_forward_backward_and_modes(p):
     # Evaluation and p = 0 change nothing.
     assert torch.equal(drop.eval()(x), x)
     assert torch.equal(CpuDropout(0.0).train()(x), x)
-
-
-def test_add_lora_installs_it_on_every_lora_layer(tiny_model):
-    from peft.tuners.lora import LoraLayer
-    from transformers import AutoModelForCausalLM
-
-    from lora_alpaca.train.config import FinetuneConfig
-    from lora_alpaca.train.lora_setup import add_lora
-
-    cfg = FinetuneConfig(base_model=str(tiny_model), lora_dropout=0.1, output_dir="/tmp/unused",
-                         lora_target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])  # fmt: skip
-    model = add_lora(AutoModelForCausalLM.from_pretrained(tiny_model), cfg, quantized=False)
-    drops = [
-        d for m in model.modules() if isinstance(m, LoraLayer) for d in m.lora_dropout.values()
-    ]
-    assert len(drops) == 4 * model.config.num_hidden_layers
-    assert all(type(d) is CpuDropout and d.p == 0.1 for d in drops)

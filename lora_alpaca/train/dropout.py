@@ -10,6 +10,10 @@ resume (the saved RNG state) and per-rank streams behave exactly as with nn.Drop
 The drop probability is rounded to a multiple of 1/65536 (0.05 -> 0.0500031) and the kept
 values are scaled by 1/(1 - that probability), so the expectation is exact. GPUs keep
 nn.Dropout (their Philox generator is not the bottleneck).
+
+Not switched on in finetune.py yet: measured 1.07x a step (bench/speed_variants.py), but its
+other random stream changes the Quickstart adapter enough that the README's greedy answer
+gets a leading space ('" Noah"'); `use_cpu_dropout` is there for the bench and a later switch.
 """
 
 from __future__ import annotations

@@ -92,9 +92,6 @@ def add_lora(model: nn.Module, cfg, quantized: bool) -> nn.Module:
         use_packed_attention(peft_model.get_base_model())
     if not quantized:  # bitsandbytes layers have their own dtype handling: left alone
         skip_lora_input_casts(peft_model)
-    from lora_alpaca.train.dropout import use_cpu_dropout
-
-    use_cpu_dropout(peft_model)  # a quarter of the random draws on CPU (train/dropout.py)
     return peft_model
 
 
