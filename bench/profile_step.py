@@ -95,7 +95,6 @@ def main(cfg: ProfileConfig) -> int:
     from torch.profiler import ProfilerActivity, profile, record_function
 
     from lora_alpaca.train import packed_attention
-    from lora_alpaca.train.loss import causal_lm_loss_sum
 
     bench = setup_step(cfg, cfg.warmup + cfg.steps)
     model, precision = bench.model, bench.precision
@@ -124,13 +123,7 @@ def main(cfg: ProfileConfig) -> int:
                     scoped(sub, "lora")
 
     def step(i):
-        batch = bench.batches[i]
-        with bench.autocast():
-            loss, n = causal_lm_loss_sum(model, batch, bench.chunk)
-        (loss / max(n, 1)).backward()
-        with record_function("scope::optimizer"):
-            bench.optimizer_step()
-        return int(batch["input_ids"].numel())
+        return bench.micro_step(bench.batches[i], lambda: record_function("scope::optimizer"))
 
     for i in range(cfg.warmup):
         step(i)

@@ -40,26 +40,87 @@ class VariantsConfig(StepConfig):
     )
 
 
-# name -> settings; `attention`: transformers' "sdpa" (masked over the pack) or the project's
-# per-row function; `casts`: peft's fp32 cast of LoRA inputs; `recompute_last` / `checkpointed`:
-# the chunked loss's old behaviours; `chunk`: loss chunk size (None = the config's);
-# `cpu_dropout`: train/dropout.py's mask instead of nn.Dropout's.
-BEFORE_ISSUE = dict(attention="sdpa", casts=True, recompute_last=True, checkpointed=True)
-LAST_SESSION = dict(attention="packed", casts=False, recompute_last=False, checkpointed=True)
-FUSED = dict(LAST_SESSION, checkpointed=False)
+# name -> settings; `attention`: transformers' "sdpa" (masked over the pack), the project's
+# per-row function ("packed"), or that function as it was before 2026-12-02 16:00
+# ("packed_fp32_scores": scores cast to fp32, scaled, masked, softmaxed, cast back); `casts`:
+# peft's fp32 cast of LoRA inputs; `loss`: the chunked loss's path ("fused" frozen-head,
+# "fused_allocating": that path before 2026-12-02 16:30, a fresh fp32 [chunk, vocab] tensor per
+# chunk; "checkpointed" every chunk but the last; "recompute_all"); `chunk`: loss chunk size
+# (None = the config's); `cpu_dropout`: train/dropout.py's mask instead of nn.Dropout's.
+BEFORE_ISSUE = dict(attention="sdpa", casts=True, loss="recompute_all")
+LAST_SESSION = dict(attention="packed_fp32_scores", casts=False, loss="checkpointed")
+FUSED = dict(LAST_SESSION, loss="fused_allocating")
+NOW = dict(FUSED, attention="packed", loss="fused")
 VARIANTS = {
     "before issue 20 (masked sdpa, LoRA input casts, every loss chunk recomputed)": BEFORE_ISSUE,
     "per-row attention, no input casts, last chunk kept (2026-12-02 01:00)": LAST_SESSION,
-    "+ fused frozen-head loss (dL/dh in forward), chunk 256": FUSED,
-    "+ fused frozen-head loss, chunk 1024": dict(FUSED, chunk=1024),
-    "+ LoRA dropout from 64-bit draws (now)": dict(FUSED, cpu_dropout=True),
+    "+ fused frozen-head loss (dL/dh in forward) (2026-12-02 09:00)": FUSED,
+    "+ attention scores kept in bf16, scale on q": dict(NOW, loss="fused_allocating"),
+    "+ fp32 loss buffer kept between chunks (now)": NOW,
+    "+ LoRA dropout from 64-bit draws": dict(NOW, cpu_dropout=True),
 }
+
+
+class FrozenHeadCrossEntropyAllocating(torch.autograd.Function):
+    """loss._FrozenHeadCrossEntropy before 2026-12-02 16:30, for the comparison."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_size):
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad = torch.empty_like(hidden)
+        for start in range(0, hidden.shape[0], chunk_size):
+            h, y = hidden[start : start + chunk_size], targets[start : start + chunk_size]
+            logits = torch.matmul(h, weight.t()).float()
+            rows = torch.arange(len(y), device=y.device)
+            picked = logits[rows, y]
+            peak = logits.amax(dim=-1, keepdim=True)
+            logits.sub_(peak).exp_()
+            sums = logits.sum(dim=-1, keepdim=True)
+            total += (sums.log() + peak).sum() - picked.sum()
+            logits.div_(sums)
+            logits[rows, y] -= 1.0
+            grad[start : start + chunk_size] = torch.matmul(logits.to(h.dtype), weight)
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_total.to(grad.dtype), None, None, None
+
+
+def rows_attention_fp32_scores(query, key, value, lengths, dropout, scaling, training):
+    """packed_attention._rows_attention before 2026-12-02 16:00, for the comparison."""
+    import torch.nn.functional as F
+
+    from lora_alpaca.train.packed_attention import _upper
+
+    _, heads, _, dim = query.shape
+    kv_heads = key.shape[1]
+    groups = heads // kv_heads
+    scale = scaling if scaling is not None else dim**-0.5
+    outs, start = [], 0
+    for n in lengths:
+        q = query[:, :, start : start + n].reshape(1, kv_heads, groups, n, dim)
+        k = key[:, :, start : start + n].unsqueeze(2)
+        v = value[:, :, start : start + n].unsqueeze(2)
+        scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale
+        if n > 1:
+            scores = scores.masked_fill(_upper(n, scores.device), float("-inf"))
+        probs = scores.softmax(-1).to(v.dtype)
+        if dropout and training:
+            probs = F.dropout(probs, p=dropout)
+        outs.append(torch.matmul(probs, v).reshape(1, heads, n, dim))
+        start += n
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+    return out.transpose(1, 2).contiguous()
 
 
 def main(cfg: VariantsConfig) -> int:
     from peft.tuners.lora import LoraLayer
 
     from lora_alpaca.train import loss as loss_mod
+    from lora_alpaca.train import packed_attention
     from lora_alpaca.train.packed_attention import NAME
 
     bench = setup_step(cfg, cfg.steps)
@@ -75,15 +136,22 @@ def main(cfg: VariantsConfig) -> int:
     from lora_alpaca.train.dropout import CpuDropout
 
     drops = [d for m in lora_layers for d in m.lora_dropout.values() if isinstance(d, nn.Dropout)]
+    rows_attention = packed_attention._rows_attention
+    frozen_head_ce = loss_mod._FrozenHeadCrossEntropy
 
-    def set_variant(attention, casts, recompute_last, checkpointed, chunk=None, cpu_dropout=False):
+    def set_variant(attention, casts, loss, chunk=None, cpu_dropout=False):
         for d in drops:  # same p, the other mask generator
             d.__class__ = CpuDropout if cpu_dropout else nn.Dropout
-        base.set_attn_implementation(NAME if attention == "packed" else "sdpa")
+        base.set_attn_implementation("sdpa" if attention == "sdpa" else NAME)
+        packed_attention._rows_attention = (
+            rows_attention_fp32_scores if attention == "packed_fp32_scores" else rows_attention
+        )
         for m in lora_layers:
             m.cast_input_dtype_enabled = casts
-        loss_mod._RECOMPUTE_LAST_CHUNK = recompute_last
-        loss_mod._CHECKPOINTED_LOSS = checkpointed
+        loss_mod._BENCH_LOSS_PATH = None if loss.startswith("fused") else loss
+        loss_mod._FrozenHeadCrossEntropy = (
+            FrozenHeadCrossEntropyAllocating if loss == "fused_allocating" else frozen_head_ce
+        )
         bench.chunk = chunk or default_chunk
 
     tokens = sum(b["input_ids"].numel() for b in bench.batches)

@@ -45,13 +45,16 @@ class StepBench:
             return torch.autocast("cpu", dtype=self.precision.autocast)
         return contextlib.nullcontext()
 
-    def micro_step(self, batch: dict) -> int:
+    def micro_step(self, batch: dict, optimizer_scope=contextlib.nullcontext) -> int:
+        """Train on `batch`; `optimizer_scope()` wraps the optimizer step (the profiler's
+        record_function labels it)."""
         from lora_alpaca.train.loss import causal_lm_loss_sum
 
         with self.autocast():
             loss, n = causal_lm_loss_sum(self.model, batch, self.chunk)
         (loss / max(n, 1)).backward()
-        self.optimizer_step()
+        with optimizer_scope():
+            self.optimizer_step()
         return int(batch["input_ids"].numel())
 
     def optimizer_step(self) -> None:

@@ -35,10 +35,10 @@ MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
 # Cohere scale, Granite scaling). The chunked path would silently skip that step, so such
 # models take the exact (HF forward) path instead.
 LOGIT_POSTPROCESS_FIELDS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
-# bench/speed_variants.py sets these to measure the old behaviours: checkpoint every chunk;
-# the checkpointed path even where the fused frozen-head path applies.
-_RECOMPUTE_LAST_CHUNK = False
-_CHECKPOINTED_LOSS = False
+# bench/speed_variants.py sets this to measure the old paths: "checkpointed" (the checkpointed
+# path even where the fused frozen-head path applies), "recompute_all" (that path, with the
+# last chunk recomputed too). None: the paths below as they are.
+_BENCH_LOSS_PATH: str | None = None
 
 
 def _causal_lm(model):
@@ -63,25 +63,41 @@ def _chunk_ce_sum(
 
 class _FrozenHeadCrossEntropy(torch.autograd.Function):
     """Summed cross-entropy of `hidden @ weight.T` against `targets`, chunk by chunk, with
-    dL/dhidden computed in forward (weight is frozen: no gradient for it). Matmuls follow
-    the ambient autocast like lm_head would; the softmax is fp32."""
+    dL/dhidden computed in forward (weight is frozen: no gradient for it). The matmuls run
+    in hidden's dtype (the autocast dtype under autocast, as lm_head would); the softmax is
+    fp32."""
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk_size):
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        # One cast of the head for the whole call where autocast would cast it per matmul;
+        # autocast off inside so that the matmuls can write into the reused buffers (out=).
+        weight = weight.to(hidden.dtype)
+        device = hidden.device
+        total = torch.zeros((), dtype=torch.float32, device=device)
         grad = torch.empty_like(hidden)
-        for start in range(0, hidden.shape[0], chunk_size):
-            h, y = hidden[start : start + chunk_size], targets[start : start + chunk_size]
-            logits = torch.matmul(h, weight.t()).float()  # [n, V]
-            rows = torch.arange(len(y), device=y.device)
-            picked = logits[rows, y]
-            peak = logits.amax(dim=-1, keepdim=True)
-            logits.sub_(peak).exp_()  # in place: the chunk's one [n, V] buffer
-            sums = logits.sum(dim=-1, keepdim=True)
-            total += (sums.log() + peak).sum() - picked.sum()
-            logits.div_(sums)  # softmax
-            logits[rows, y] -= 1.0  # d(loss)/d(logits)
-            grad[start : start + chunk_size] = torch.matmul(logits.to(h.dtype), weight)
+        rows_max = min(chunk_size, hidden.shape[0])
+        # [n, V] buffers, reused by every chunk: the matmul's logits (later the gradient,
+        # rounded into the same buffer) and their fp32 copy that the softmax works in. Only
+        # same-dtype in-place ops on them: a mixed-dtype op with out= (bf16 -> fp32) is
+        # ~10x slower on CPU than a copy_ followed by the in-place op.
+        logits_buf = _chunk_buffer("logits", rows_max, weight.shape[0], hidden.dtype, device)
+        fp32_buf = _chunk_buffer("fp32", rows_max, weight.shape[0], torch.float32, device)
+        with torch.autocast(device.type, enabled=False):
+            for start in range(0, hidden.shape[0], chunk_size):
+                h, y = hidden[start : start + chunk_size], targets[start : start + chunk_size]
+                rows = torch.arange(len(y), device=y.device)
+                logits, probs = logits_buf[: len(y)], fp32_buf[: len(y)]
+                torch.mm(h, weight.t(), out=logits)
+                probs.copy_(logits)
+                picked = probs[rows, y]
+                peak = probs.amax(dim=-1, keepdim=True)
+                probs.sub_(peak).exp_()
+                sums = probs.sum(dim=-1, keepdim=True)
+                total += (sums.log() + peak).sum() - picked.sum()
+                probs.div_(sums)  # softmax
+                probs[rows, y] -= 1.0  # d(loss)/d(logits)
+                logits.copy_(probs)  # the gradient, in the matmul dtype
+                torch.mm(logits, weight, out=grad[start : start + chunk_size])
         ctx.save_for_backward(grad)
         return total
 
@@ -89,6 +105,24 @@ class _FrozenHeadCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_total):
         (grad,) = ctx.saved_tensors
         return grad * grad_total.to(grad.dtype), None, None, None
+
+
+# CPU only: a fresh fp32 [chunk, vocab] tensor is above glibc's mmap threshold (32 MiB at
+# most), so every allocation is a new mapping that page-faults in as it is first written, in
+# every chunk of every micro-step (measured: `.float()` of a [256, 49152] bf16 tensor 15 ms
+# into a fresh tensor, 1.6 ms into a kept one; the chunk's other ops take ~50 ms). CUDA's caching allocator already keeps such blocks; on CPU the
+# buffers are kept here, one of each kind, grown when a larger chunk or vocabulary comes.
+_CPU_BUFFERS: dict[tuple, torch.Tensor] = {}
+
+
+def _chunk_buffer(name, rows, cols, dtype, device) -> torch.Tensor:
+    if device.type != "cpu":
+        return torch.empty(rows, cols, dtype=dtype, device=device)
+    key = (name, dtype)
+    buf = _CPU_BUFFERS.get(key)
+    if buf is None or buf.shape[0] < rows or buf.shape[1] != cols:
+        buf = _CPU_BUFFERS[key] = torch.empty(rows, cols, dtype=dtype)
+    return buf[:rows]
 
 
 def _frozen_head_weight(lm_head, hidden) -> torch.Tensor | None:
@@ -154,7 +188,7 @@ def causal_lm_loss_sum(
         return hidden.sum() * 0.0, 0
     lm_head = causal_lm.get_output_embeddings()
     weight = _frozen_head_weight(lm_head, selected)
-    if weight is not None and not _CHECKPOINTED_LOSS:
+    if weight is not None and _BENCH_LOSS_PATH is None:
         if torch.is_autocast_enabled(hidden.device.type):
             selected = selected.to(torch.get_autocast_dtype(hidden.device.type))
         return _FrozenHeadCrossEntropy.apply(selected, weight, selected_targets, chunk_size), count
@@ -162,7 +196,7 @@ def causal_lm_loss_sum(
     for start in range(0, count, chunk_size):
         h = selected[start : start + chunk_size]
         y = selected_targets[start : start + chunk_size]
-        if start + chunk_size >= count and not _RECOMPUTE_LAST_CHUNK:
+        if start + chunk_size >= count and _BENCH_LOSS_PATH != "recompute_all":
             # The last chunk's logits are the last thing forward makes and the first thing
             # backward frees, so keeping them costs no extra peak memory over recomputing
             # them (either way one chunk's logits exist next to the body's activations) and

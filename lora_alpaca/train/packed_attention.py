@@ -63,25 +63,33 @@ def packed_sdpa_forward(module, query, key, value, attention_mask, dropout=0.0, 
 
 
 def _rows_attention(query, key, value, lengths, dropout, scaling, training):
-    # Plain matmul + softmax per row, not torch's sdpa: on this CPU (bench/profile_step.py,
-    # BENCHMARKS.md) the flash-attention-for-CPU kernel ran fwd+bwd of 4 causal 120-token rows
-    # 1.4x faster per row than masked over the whole pack, but this eager form 2.4x: its
-    # bmm calls hit the bf16 GEMM, the flash kernel's small blocks do not. The cost is the
-    # [H, L, L] scores held for backward, per row (L <= cutoff_len), as HF's eager path does.
+    # Plain matmul + softmax per row, not torch's sdpa: on the AVX512-BF16 CPU
+    # (bench/profile_step.py, BENCHMARKS.md) the flash-attention-for-CPU kernel ran fwd+bwd of
+    # 4 causal 120-token rows 1.4x faster per row than masked over the whole pack, but this
+    # eager form 2.4x: its bmm calls hit the bf16 GEMM, the flash kernel's small blocks do not.
+    # The cost is the [H, L, L] scores held for backward, per row (L <= cutoff_len), as HF's
+    # eager path does.
     _, heads, _, dim = query.shape
     kv_heads = key.shape[1]
     groups = heads // kv_heads
     scale = scaling if scaling is not None else dim**-0.5
+    # The scale goes on q ([H, T, d]), not on the scores ([H, L, L] per row): one pass over
+    # far fewer elements. The scores stay in the matmul's dtype: masked_fill and softmax run
+    # on them as they are (torch's CPU softmax of bf16 computes in fp32 and rounds once, the
+    # same values as HF's fp32 softmax followed by its cast to bf16), so no [H, L, L] fp32
+    # copy is made, scaled or cast back, in forward or in backward (profiled: these casts
+    # were a third of attention's time in bf16).
+    query = query * scale
     outs, start = [], 0
     for n in lengths:
         # GQA without repeat_kv: [1, kv, groups, n, d] queries against [1, kv, 1, n, d] keys.
         q = query[:, :, start : start + n].reshape(1, kv_heads, groups, n, dim)
         k = key[:, :, start : start + n].unsqueeze(2)
         v = value[:, :, start : start + n].unsqueeze(2)
-        scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale
+        scores = torch.matmul(q, k.transpose(-1, -2))
         if n > 1:
             scores = scores.masked_fill(_upper(n, scores.device), float("-inf"))
-        probs = scores.softmax(-1).to(v.dtype)  # fp32 softmax, like HF's eager attention
+        probs = scores.softmax(-1).to(v.dtype)
         if dropout and training:
             probs = F.dropout(probs, p=dropout)
         outs.append(torch.matmul(probs, v).reshape(1, heads, n, dim))
