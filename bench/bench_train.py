@@ -329,9 +329,14 @@ def run_project(cfg: BenchConfig, ref, tokenizer, rows: list[dict], device: torc
 
     from lora_alpaca.models import load_model, resolve_precision
     from lora_alpaca.train.config import FinetuneConfig
+    from lora_alpaca.train.cpu_memory import keep_freed_memory
     from lora_alpaca.train.loop import epoch_windows, train_loop
     from lora_alpaca.train.lora_setup import add_lora
 
+    if device.type == "cpu":
+        # As finetune.py does on CPU (train/run.py). Process-wide and one-way: the reason
+        # the project runs after the other recipes, which then run with glibc's defaults.
+        keep_freed_memory()
     fcfg = FinetuneConfig(
         base_model=ref.path,
         quantization="none",
@@ -498,6 +503,10 @@ def main(cfg: BenchConfig) -> int:
     unknown = set(cfg.recipes) - {"plain", "trl", "project"}
     if unknown:
         raise UsageError(f"--recipes: unknown {sorted(unknown)}; allowed: plain, trl, project")
+    if "project" in cfg.recipes and cfg.recipes[-1] != "project":
+        raise UsageError(
+            "--recipes: project must come last (its allocator setting is process-wide)"
+        )
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

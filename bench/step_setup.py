@@ -27,6 +27,9 @@ class StepConfig:
     loss_chunk_size: int = field(256, "Chunked loss chunk (0 = full logits).")
     dtype: str = field("auto", "dtype as finetune.py's --dtype.", choices=["auto", "bf16", "fp32"])
     seed: int = field(42, "Row sampling seed.")
+    keep_freed_memory: bool = field(
+        True, "glibc keeps freed memory for the next step, as finetune.py sets on CPU."
+    )
 
 
 @dataclass
@@ -83,6 +86,10 @@ def setup_step(cfg: StepConfig, n_batches: int) -> StepBench:
                           lora_dropout=cfg.lora_dropout, packing=True,
                           lora_target_modules=list(cfg.lora_target_modules), output_dir="/tmp/x")  # fmt: skip
     device = Accelerator(cpu=True).device
+    if cfg.keep_freed_memory:
+        from lora_alpaca.train.cpu_memory import keep_freed_memory
+
+        keep_freed_memory()
     precision = resolve_precision(cfg.dtype, device, "none")
     model = add_lora(load_model(ref, precision, "none", device), fcfg, quantized=False).train()
     trainable = [p for p in model.parameters() if p.requires_grad]

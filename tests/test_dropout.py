@@ -6,14 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lora_alpaca.train.dropout import CpuDropout, scaled_mask
+from lora_alpaca.train.dropout import CpuDropout, keep_mask, keep_scale
 
 
 def test_mask_is_bernoulli_with_exact_expectation():
     torch.manual_seed(0)
     n, p = 1 << 22, 0.05
-    mask = scaled_mask((n,), p, torch.float32)
-    kept = mask > 0
+    kept = keep_mask((n,), p)
+    mask = kept * keep_scale(p)
     p_eff = round(p * 65536) / 65536
     sigma = (p_eff * (1 - p_eff) / n) ** 0.5
     assert abs((~kept).float().mean().item() - p_eff) < 5 * sigma
@@ -27,9 +27,9 @@ def test_mask_is_bernoulli_with_exact_expectation():
     both = (slots[:, 0] * slots[:, 1]).mean().item()
     assert abs(both - p_eff**2) < 5 * (p_eff**2 / (n / 4)) ** 0.5
     # Consecutive masks differ (fresh draws), shapes other than multiples of 4 work.
-    odd = scaled_mask((7, 13), 0.5, torch.bfloat16)
-    assert odd.shape == (7, 13) and odd.dtype == torch.bfloat16
-    assert not torch.equal(scaled_mask((n,), p, torch.float32), mask)
+    odd = keep_mask((7, 13), 0.5)
+    assert odd.shape == (7, 13) and odd.dtype == torch.bool
+    assert not torch.equal(keep_mask((n,), p), kept)
 
 
 @pytest.mark.parametrize("p", [0.05, 0.5])
@@ -54,3 +54,14 @@ def test_forward_backward_and_modes(p):
     # Evaluation and p = 0 change nothing.
     assert torch.equal(drop.eval()(x), x)
     assert torch.equal(CpuDropout(0.0).train()(x), x)
+
+
+def test_bf16_kept_values_are_scaled_in_fp32_like_nn_dropout():
+    # The kept values are x / (1 - p) rounded once to bf16 (what nn.Dropout gives), not x
+    # times 1/(1-p) already rounded to bf16 (1.0547 for p = 0.05: a 0.2% bias on every input).
+    x = torch.randn(256, 64).bfloat16()
+    y = CpuDropout(0.05).train()(x)
+    kept = y != 0
+    expected = (x.float() * keep_scale(0.05)).bfloat16()
+    assert torch.equal(y[kept], expected[kept])
+    assert not torch.equal(y[kept], x[kept] * torch.tensor(keep_scale(0.05)).bfloat16())
