@@ -329,14 +329,11 @@ def run_project(cfg: BenchConfig, ref, tokenizer, rows: list[dict], device: torc
 
     from lora_alpaca.models import load_model, resolve_precision
     from lora_alpaca.train.config import FinetuneConfig
-    from lora_alpaca.train.cpu_memory import keep_freed_memory
     from lora_alpaca.train.loop import epoch_windows, train_loop
     from lora_alpaca.train.lora_setup import add_lora
 
-    if device.type == "cpu":
-        # As finetune.py does on CPU (train/run.py). Process-wide and one-way: the reason
-        # the project runs after the other recipes, which then run with glibc's defaults.
-        keep_freed_memory()
+    # On CPU train_loop sets glibc to keep freed memory (train/cpu_memory.py), process-wide
+    # and one-way: the reason the project runs after the other recipes.
     fcfg = FinetuneConfig(
         base_model=ref.path,
         quantization="none",

@@ -28,6 +28,7 @@ from lora_alpaca.progress import duration, run_estimate, step_bar
 from lora_alpaca.train import checkpoint as ckpt
 from lora_alpaca.train import distributed
 from lora_alpaca.train.config import RESUME_KEYS, FinetuneConfig
+from lora_alpaca.train.cpu_memory import keep_freed_memory
 from lora_alpaca.train.faults import Faults
 from lora_alpaca.train.step import (
     LossModule,
@@ -288,6 +289,8 @@ def train_loop(
 ) -> Position:
     """The optimizer loop. Returns the final position (with loss history)."""
     plan = _setup_plan(cfg, len(train_rows), accelerator.num_processes, log)
+    if accelerator.device.type == "cpu":
+        keep_freed_memory()  # the next micro-step reuses this one's memory (train/cpu_memory.py)
     trainable, optimizer, scheduler = _setup_optimizer(cfg, peft_model, plan)
     pos = _restore(resume, peft_model, optimizer, scheduler)
     s = _setup_stepper(cfg, accelerator, peft_model, optimizer, scheduler, precision, pad_token_id, resume)  # fmt: skip

@@ -238,10 +238,6 @@ def _setup_accelerator(cfg: FinetuneConfig):
     )
     quantization = distributed.check_quantization(accelerator, cfg.quantization, quantization)
     precision = resolve_precision(cfg.dtype, device, quantization)
-    if device.type == "cpu":
-        from lora_alpaca.train.cpu_memory import keep_freed_memory
-
-        keep_freed_memory()  # the next micro-step reuses this one's memory (no page faults)
     return accelerator, quantization, precision
 
 
