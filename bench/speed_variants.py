@@ -44,8 +44,8 @@ class VariantsConfig(StepConfig):
 # per-row function ("packed"), or that function as it was before 2026-12-02 16:00
 # ("packed_fp32_scores": scores cast to fp32, scaled, masked, softmaxed, cast back); `casts`:
 # peft's fp32 cast of LoRA inputs; `loss`: the chunked loss's path ("fused" frozen-head,
-# "fused_allocating": that path before 2026-12-02 16:30, a fresh fp32 [chunk, vocab] tensor per
-# chunk; "checkpointed" every chunk but the last; "recompute_all"); `chunk`: loss chunk size
+# "fused_allocating": the same with fresh [chunk, vocab] buffers every micro-step instead of
+# the kept ones; "checkpointed" every chunk but the last; "recompute_all"); `chunk`: loss chunk size
 # (None = the config's); `cpu_dropout`: train/dropout.py's mask instead of nn.Dropout's.
 BEFORE_ISSUE = dict(attention="sdpa", casts=True, loss="recompute_all")
 LAST_SESSION = dict(attention="packed_fp32_scores", casts=False, loss="checkpointed")
@@ -56,37 +56,9 @@ VARIANTS = {
     "per-row attention, no input casts, last chunk kept (2026-12-02 01:00)": LAST_SESSION,
     "+ fused frozen-head loss (dL/dh in forward) (2026-12-02 09:00)": FUSED,
     "+ attention scores kept in bf16, scale on q": dict(NOW, loss="fused_allocating"),
-    "+ fp32 loss buffer kept between chunks (now)": NOW,
-    "+ LoRA dropout from 64-bit draws": dict(NOW, cpu_dropout=True),
+    "+ loss buffers kept between micro-steps": NOW,
+    "+ LoRA dropout from 64-bit draws (now)": dict(NOW, cpu_dropout=True),
 }
-
-
-class FrozenHeadCrossEntropyAllocating(torch.autograd.Function):
-    """loss._FrozenHeadCrossEntropy before 2026-12-02 16:30, for the comparison."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_size):
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        grad = torch.empty_like(hidden)
-        for start in range(0, hidden.shape[0], chunk_size):
-            h, y = hidden[start : start + chunk_size], targets[start : start + chunk_size]
-            logits = torch.matmul(h, weight.t()).float()
-            rows = torch.arange(len(y), device=y.device)
-            picked = logits[rows, y]
-            peak = logits.amax(dim=-1, keepdim=True)
-            logits.sub_(peak).exp_()
-            sums = logits.sum(dim=-1, keepdim=True)
-            total += (sums.log() + peak).sum() - picked.sum()
-            logits.div_(sums)
-            logits[rows, y] -= 1.0
-            grad[start : start + chunk_size] = torch.matmul(logits.to(h.dtype), weight)
-        ctx.save_for_backward(grad)
-        return total
-
-    @staticmethod
-    def backward(ctx, grad_total):
-        (grad,) = ctx.saved_tensors
-        return grad * grad_total.to(grad.dtype), None, None, None
 
 
 def rows_attention_fp32_scores(query, key, value, lengths, dropout, scaling, training):
@@ -137,7 +109,10 @@ def main(cfg: VariantsConfig) -> int:
 
     drops = [d for m in lora_layers for d in m.lora_dropout.values() if isinstance(d, nn.Dropout)]
     rows_attention = packed_attention._rows_attention
-    frozen_head_ce = loss_mod._FrozenHeadCrossEntropy
+    kept_buffer = loss_mod._chunk_buffer
+
+    def fresh_buffer(name, rows, cols, dtype, device):
+        return torch.empty(rows, cols, dtype=dtype, device=device)
 
     def set_variant(attention, casts, loss, chunk=None, cpu_dropout=False):
         for d in drops:  # same p, the other mask generator
@@ -149,9 +124,7 @@ def main(cfg: VariantsConfig) -> int:
         for m in lora_layers:
             m.cast_input_dtype_enabled = casts
         loss_mod._BENCH_LOSS_PATH = None if loss.startswith("fused") else loss
-        loss_mod._FrozenHeadCrossEntropy = (
-            FrozenHeadCrossEntropyAllocating if loss == "fused_allocating" else frozen_head_ce
-        )
+        loss_mod._chunk_buffer = fresh_buffer if loss == "fused_allocating" else kept_buffer
         bench.chunk = chunk or default_chunk
 
     tokens = sum(b["input_ids"].numel() for b in bench.batches)

@@ -7,9 +7,8 @@ step's activations, hundreds of MiB. The next micro-step then page-faults all of
 in, each 4 KiB page zeroed by the kernel. Measured on SmolLM2, separate processes in pairs
 (BENCHMARKS.md): `bench/speed_variants.py --keep_freed_memory false|true` 1.00-1.14x, mean
 1.04x over four pairs, none slower; with the CPU dropout on, ~9,000 -> ~7,500 faults a
-micro-step and 1.10x mean over five pairs. Freed memory
-stays mapped, so the resident size stays at the training step's peak, which the next step
-reaches again anyway. Allocations above glibc's mmap threshold (its ceiling is 32 MiB) are
+micro-step and 1.10x mean over five pairs. Freed memory stays mapped, so the resident size
+stays at the training step's peak, which the next step reaches again anyway. Allocations above glibc's mmap threshold (its ceiling is 32 MiB) are
 still mapped and unmapped each time: the loss keeps its own buffers for those (train/loss.py).
 
 The C library's mallopt is used as is (ctypes: torch exposes no allocator setting on CPU; the

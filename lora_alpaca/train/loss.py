@@ -108,10 +108,11 @@ class _FrozenHeadCrossEntropy(torch.autograd.Function):
 
 
 # CPU only: a fresh fp32 [chunk, vocab] tensor is above glibc's mmap threshold (32 MiB at
-# most), so every allocation is a new mapping that page-faults in as it is first written, in
-# every chunk of every micro-step (measured: `.float()` of a [256, 49152] bf16 tensor 15 ms
-# into a fresh tensor, 1.6 ms into a kept one; the chunk's other ops take ~50 ms). CUDA's caching allocator already keeps such blocks; on CPU the
-# buffers are kept here, one of each kind, grown when a larger chunk or vocabulary comes.
+# most), so every allocation is a new mapping that page-faults in as it is first written
+# (measured: `.float()` of a [256, 49152] bf16 tensor 15 ms into a fresh tensor, 1.6 ms into
+# a kept one; the chunk's other ops take ~50 ms). CUDA's caching allocator already keeps such
+# blocks; on CPU the buffers are kept here, one of each kind, grown when a larger chunk or
+# vocabulary comes.
 _CPU_BUFFERS: dict[tuple, torch.Tensor] = {}
 
 
