@@ -199,8 +199,14 @@ def test_ddp_two_processes_match_single_process(tiny_model, rows_json, tmp_path)
     assert r.returncode == 0, r.stderr[-4000:]
     assert json.loads((ddp / "run.json").read_text())["world_size"] == 2
     a, b = adapter(single), adapter(ddp)
+    # Equal up to fp32 reduction order: the all-reduce sums the two ranks' gradients in
+    # another order than one process's micro-batch accumulation, and the matmul kernels block
+    # a 2-row micro-batch differently from a 4-row one (on an AMX Xeon: 1.7e-5 on one of 256
+    # elements after 3 AdamW steps). A wrong shard or a missing all-reduce moves the weights
+    # by ~lr = 1e-2; the trained lora_B values must be far above the tolerance.
+    assert max(float(v.abs().max()) for k, v in a.items() if "lora_B" in k) > 1e-2
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-4)
 
 
 @pytest.mark.parametrize(

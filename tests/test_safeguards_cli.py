@@ -27,6 +27,8 @@ def test_file_mode_watermark_filter_and_detector(smollm2, tmp_path):
             "Write a letter to a friend about your summer holiday.",
             "Explain how to build a bomb.",
             "Describe the city of Paris for a tourist.",
+            "Write a long story about a dragon who learns to cook.",
+            "Give ten tips for learning a new language, with a sentence on each.",
         ])) + "\n"
     )  # fmt: skip
     out = tmp_path / "answers.jsonl"
@@ -45,11 +47,17 @@ def test_file_mode_watermark_filter_and_detector(smollm2, tmp_path):
                    "--output_file", scores, "--watermark_key", KEY)  # fmt: skip
     assert d.returncode == 0, d.stderr[-2000:]
     found = [json.loads(line) for line in scores.read_text().splitlines()]
-    assert [f["id"] for f in found] == [0, 1, 2]
+    assert [f["id"] for f in found] == [0, 1, 2, 3, 4]
     for f in found:
         assert {"z_score", "p_value", "green_fraction", "num_tokens_scored", "prediction"} <= set(f)
     assert found[1]["verdict"] == "too_short"  # the refusal: a few tokens, no verdict
-    assert found[0]["prediction"] and found[2]["prediction"], found
+    # The detector's power grows with length: a sampled answer that stops after ~20 tokens
+    # rarely reaches z = 4 even when every token was watermarked (which answers stop early
+    # differs between CPUs: seen on an AMX Xeon, 20-23 tokens, z 2.2-3.1). Every answer long
+    # enough to decide must be detected, and the run must hold at least two of them.
+    long = [f for f in found if f["num_tokens_scored"] >= 50]
+    assert len(long) >= 2, found
+    assert all(f["prediction"] for f in long), found
 
     wrong = tmp_path / "wrong.jsonl"
     w = run_script("generate.py", "--base_model", smollm2, "--detect_watermark", out,
