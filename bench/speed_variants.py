@@ -46,7 +46,8 @@ class VariantsConfig(StepConfig):
 # peft's fp32 cast of LoRA inputs; `loss`: the chunked loss's path ("fused" frozen-head,
 # "fused_allocating": the same with fresh [chunk, vocab] buffers every micro-step instead of
 # the kept ones; "checkpointed" every chunk but the last; "recompute_all"); `chunk`: loss chunk size
-# (None = the config's); `cpu_dropout`: train/dropout.py's mask instead of nn.Dropout's.
+# (None = the config's); `cpu_dropout`: train/dropout.py's mask instead of nn.Dropout's;
+# `fused_ops`: train/fused_ops.py's RMSNorm and rotary instead of transformers' own.
 BEFORE_ISSUE = dict(attention="sdpa", casts=True, loss="recompute_all")
 LAST_SESSION = dict(attention="packed_fp32_scores", casts=False, loss="checkpointed")
 FUSED = dict(LAST_SESSION, loss="fused_allocating")
@@ -57,7 +58,10 @@ VARIANTS = {
     "+ fused frozen-head loss (dL/dh in forward) (2026-12-02 09:00)": FUSED,
     "+ attention scores kept in bf16, scale on q": dict(NOW, loss="fused_allocating"),
     "+ loss buffers kept between micro-steps": NOW,
-    "+ LoRA dropout from 64-bit draws (now)": dict(NOW, cpu_dropout=True),
+    "+ LoRA dropout from 64-bit draws (2026-12-02 20:00)": dict(NOW, cpu_dropout=True),
+    "+ RMSNorm and rotary with closed-form backward (now)": dict(
+        NOW, cpu_dropout=True, fused_ops=True
+    ),
 }
 
 
@@ -114,7 +118,22 @@ def main(cfg: VariantsConfig) -> int:
     def fresh_buffer(name, rows, cols, dtype, device):
         return torch.empty(rows, cols, dtype=dtype, device=device)
 
-    def set_variant(attention, casts, loss, chunk=None, cpu_dropout=False):
+    from lora_alpaca.train.fused_ops import fused_apply_rotary_pos_emb
+
+    # add_lora fused the norms (an instance `forward`) and patched the rotary: kept to toggle.
+    fused_norms = {m: vars(m)["forward"] for m in base.modules() if "forward" in vars(m)}
+    attention_module = sys.modules[type(base.model.layers[0].self_attn).__module__]
+    original_rotary = attention_module._lora_alpaca_original_rotary
+
+    def set_variant(attention, casts, loss, chunk=None, cpu_dropout=False, fused_ops=False):
+        for m, forward in fused_norms.items():
+            if fused_ops:
+                m.forward = forward
+            else:
+                vars(m).pop("forward", None)
+        attention_module.apply_rotary_pos_emb = (
+            fused_apply_rotary_pos_emb if fused_ops else original_rotary
+        )
         for d in drops:  # same p, the other mask generator
             d.__class__ = CpuDropout if cpu_dropout else nn.Dropout
         base.set_attn_implementation("sdpa" if attention == "sdpa" else NAME)
