@@ -92,11 +92,6 @@ def add_lora(model: nn.Module, cfg, quantized: bool) -> nn.Module:
         use_packed_attention(peft_model.get_base_model())
     if not quantized:  # bitsandbytes layers have their own dtype handling: left alone
         skip_lora_input_casts(peft_model)
-        # RMSNorm and rotary with a closed-form backward (train/fused_ops.py); k-bit runs keep
-        # the norms peft cast to fp32 on their own path.
-        from lora_alpaca.train.fused_ops import use_fused_ops
-
-        use_fused_ops(peft_model)
     # On CPU, the dropout mask from a quarter of the random draws (train/dropout.py); on a
     # GPU the same modules run nn.Dropout's own path.
     from lora_alpaca.train.dropout import use_cpu_dropout
