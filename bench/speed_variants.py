@@ -46,8 +46,8 @@ class VariantsConfig(StepConfig):
 # peft's fp32 cast of LoRA inputs; `loss`: the chunked loss's path ("fused" frozen-head,
 # "fused_allocating": the same with fresh [chunk, vocab] buffers every micro-step instead of
 # the kept ones; "checkpointed" every chunk but the last; "recompute_all"); `chunk`: loss chunk size
-# (None = the config's); `cpu_dropout`: train/dropout.py's mask instead of nn.Dropout's;
-# `fused_ops`: train/fused_ops.py's RMSNorm and rotary instead of transformers' own.
+# (None = the config's); `cpu_dropout`: train/dropout.py's mask instead of nn.Dropout's
+# ("where": applied with torch.where and the bool mask, as before 2026-12-03).
 BEFORE_ISSUE = dict(attention="sdpa", casts=True, loss="recompute_all")
 LAST_SESSION = dict(attention="packed_fp32_scores", casts=False, loss="checkpointed")
 FUSED = dict(LAST_SESSION, loss="fused_allocating")
@@ -58,10 +58,8 @@ VARIANTS = {
     "+ fused frozen-head loss (dL/dh in forward) (2026-12-02 09:00)": FUSED,
     "+ attention scores kept in bf16, scale on q": dict(NOW, loss="fused_allocating"),
     "+ loss buffers kept between micro-steps": NOW,
-    "+ LoRA dropout from 64-bit draws (2026-12-02 20:00)": dict(NOW, cpu_dropout=True),
-    "+ RMSNorm and rotary with closed-form backward (now)": dict(
-        NOW, cpu_dropout=True, fused_ops=True
-    ),
+    "+ LoRA dropout from 64-bit draws (2026-12-02 20:00)": dict(NOW, cpu_dropout="where"),
+    "+ dropout by a 0/1 multiply, no bool ops (now)": dict(NOW, cpu_dropout=True),
 }
 
 
@@ -92,6 +90,18 @@ def rows_attention_fp32_scores(query, key, value, lengths, dropout, scaling, tra
     return out.transpose(1, 2).contiguous()
 
 
+def _where_dropout_class():
+    from lora_alpaca.train.dropout import CpuDropout, keep_mask, keep_scale
+
+    class WhereDropout(CpuDropout):
+        """train/dropout.py's CpuDropout before 2026-12-03: torch.where with the bool mask."""
+
+        def forward(self, x):
+            return torch.where(keep_mask(x.shape, self.p), x * keep_scale(self.p), 0.0)
+
+    return WhereDropout
+
+
 def main(cfg: VariantsConfig) -> int:
     from peft.tuners.lora import LoraLayer
 
@@ -111,6 +121,8 @@ def main(cfg: VariantsConfig) -> int:
 
     from lora_alpaca.train.dropout import CpuDropout
 
+    where_dropout = _where_dropout_class()
+
     drops = [d for m in lora_layers for d in m.lora_dropout.values() if isinstance(d, nn.Dropout)]
     rows_attention = packed_attention._rows_attention
     kept_buffer = loss_mod._chunk_buffer
@@ -118,24 +130,15 @@ def main(cfg: VariantsConfig) -> int:
     def fresh_buffer(name, rows, cols, dtype, device):
         return torch.empty(rows, cols, dtype=dtype, device=device)
 
-    from lora_alpaca.train.fused_ops import fused_apply_rotary_pos_emb
-
-    # add_lora fused the norms (an instance `forward`) and patched the rotary: kept to toggle.
-    fused_norms = {m: vars(m)["forward"] for m in base.modules() if "forward" in vars(m)}
-    attention_module = sys.modules[type(base.model.layers[0].self_attn).__module__]
-    original_rotary = attention_module._lora_alpaca_original_rotary
-
-    def set_variant(attention, casts, loss, chunk=None, cpu_dropout=False, fused_ops=False):
-        for m, forward in fused_norms.items():
-            if fused_ops:
-                m.forward = forward
-            else:
-                vars(m).pop("forward", None)
-        attention_module.apply_rotary_pos_emb = (
-            fused_apply_rotary_pos_emb if fused_ops else original_rotary
-        )
+    def set_variant(attention, casts, loss, chunk=None, cpu_dropout=False):
         for d in drops:  # same p, the other mask generator
-            d.__class__ = CpuDropout if cpu_dropout else nn.Dropout
+            d.__class__ = (
+                where_dropout
+                if cpu_dropout == "where"
+                else CpuDropout
+                if cpu_dropout
+                else nn.Dropout
+            )
         base.set_attn_implementation("sdpa" if attention == "sdpa" else NAME)
         packed_attention._rows_attention = (
             rows_attention_fp32_scores if attention == "packed_fp32_scores" else rows_attention

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lora_alpaca.train.dropout import CpuDropout, keep_mask, keep_scale
+from lora_alpaca.train.dropout import CpuDropout, keep_mask, keep_scale, keep_values
 
 
 def test_mask_is_bernoulli_with_exact_expectation():
@@ -65,3 +65,25 @@ def test_bf16_kept_values_are_scaled_in_fp32_like_nn_dropout():
     expected = (x.float() * keep_scale(0.05)).bfloat16()
     assert torch.equal(y[kept], expected[kept])
     assert not torch.equal(y[kept], x[kept] * torch.tensor(keep_scale(0.05)).bfloat16())
+
+
+@pytest.mark.parametrize("p", [0.05, 0.5, 1 / 65536])
+def test_mask_values_are_the_bool_mask_of_the_same_draws(p):
+    # CpuDropout multiplies by keep_values; it must be keep_mask exactly, boundary included
+    # (a draw equal to the threshold is kept), for the same generator state.
+    from lora_alpaca.train import dropout
+
+    state = torch.get_rng_state()
+    kept = keep_mask((4096, 33), p)
+    torch.set_rng_state(state)
+    values = keep_values((4096, 33), p, torch.bfloat16)
+    assert values.dtype == torch.bfloat16 and set(values.unique().tolist()) <= {0.0, 1.0}
+    assert torch.equal(values.bool(), kept)
+    edge = torch.tensor([-32768, dropout._threshold(p) - 1, dropout._threshold(p), 32767])
+    shifted = edge.to(torch.int32).sub_(dropout._threshold(p) - 1).clamp_(0, 1)
+    assert shifted.tolist() == [0, 0, 1, 1]
+    # And the layer's output is the mask's: dropped exactly where keep_mask is False.
+    x = torch.randn(4096, 33).bfloat16() + 8  # no zeros in the input itself
+    torch.set_rng_state(state)
+    y = CpuDropout(p).train()(x)
+    assert torch.equal(y != 0, kept)
