@@ -67,8 +67,6 @@ def rows_attention_fp32_scores(query, key, value, lengths, dropout, scaling, tra
     """packed_attention._rows_attention before 2026-12-02 16:00, for the comparison."""
     import torch.nn.functional as F
 
-    from lora_alpaca.train.packed_attention import _upper
-
     _, heads, _, dim = query.shape
     kv_heads = key.shape[1]
     groups = heads // kv_heads
@@ -80,7 +78,8 @@ def rows_attention_fp32_scores(query, key, value, lengths, dropout, scaling, tra
         v = value[:, :, start : start + n].unsqueeze(2)
         scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale
         if n > 1:
-            scores = scores.masked_fill(_upper(n, scores.device), float("-inf"))
+            future = torch.ones(n, n, dtype=torch.bool, device=scores.device).triu(1)
+            scores = scores.masked_fill(future, float("-inf"))
         probs = scores.softmax(-1).to(v.dtype)
         if dropout and training:
             probs = F.dropout(probs, p=dropout)

@@ -192,3 +192,23 @@ def test_group_by_length_covers_every_row_once_and_groups_lengths():
     padded_random = sum(max(lengths[i] for i in b) * len(b) for b in rand)
     assert padded < 0.8 * padded_random
     assert batches != group_by_length(lengths, batch_size=4, seed=4)
+
+
+def test_causal_bias_gives_masked_fill_scores_and_gradients_bit_for_bit():
+    # The per-row attention adds a cached 0/-inf bias instead of masked_fill with a bool
+    # mask (faster on CPU); outputs and gradients must be exactly the masked_fill ones.
+    from lora_alpaca.train.packed_attention import _causal_bias
+
+    for dtype in (torch.bfloat16, torch.float32):
+        scores = torch.randn(1, 3, 3, 37, 37, dtype=dtype)
+        grad = torch.randn(1, 3, 3, 37, 37, dtype=dtype)
+        future = torch.ones(37, 37, dtype=torch.bool).triu(1)
+        a = scores.clone().requires_grad_()
+        want = a.masked_fill(future, float("-inf")).softmax(-1)
+        want.backward(grad)
+        b = scores.clone().requires_grad_()
+        got = (b + _causal_bias(37, b.device, dtype)).softmax(-1)
+        got.backward(grad)
+        assert torch.equal(got, want) and torch.equal(b.grad, a.grad)
+        assert (got[..., 0, 1:] == 0).all() and (b.grad[..., 0, 1:] == 0).all()  # future is masked
+        assert _causal_bias(600, b.device, dtype).shape == (600, 600)  # grows past the first cache
