@@ -12,10 +12,12 @@ reference the others are divided by.
 
 from __future__ import annotations
 
+import statistics
 import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -42,7 +44,8 @@ class VariantsConfig(StepConfig):
 
 # name -> settings; `attention`: transformers' "sdpa" (masked over the pack), the project's
 # per-row function ("packed"), or that function as it was before 2026-12-02 16:00
-# ("packed_fp32_scores": scores cast to fp32, scaled, masked, softmaxed, cast back); `casts`:
+# ("packed_fp32_scores": scores cast to fp32, scaled, masked, softmaxed, cast back) or before
+# 2026-12-03 ("packed_masked_fill": the bool mask applied by masked_fill); `casts`:
 # peft's fp32 cast of LoRA inputs; `loss`: the chunked loss's path ("fused" frozen-head,
 # "fused_allocating": the same with fresh [chunk, vocab] buffers every micro-step instead of
 # the kept ones; "checkpointed" every chunk but the last; "recompute_all"); `chunk`: loss chunk size
@@ -51,32 +54,41 @@ class VariantsConfig(StepConfig):
 BEFORE_ISSUE = dict(attention="sdpa", casts=True, loss="recompute_all")
 LAST_SESSION = dict(attention="packed_fp32_scores", casts=False, loss="checkpointed")
 FUSED = dict(LAST_SESSION, loss="fused_allocating")
-NOW = dict(FUSED, attention="packed", loss="fused")
+NOW = dict(FUSED, attention="packed_masked_fill", loss="fused", cpu_dropout=True)
 VARIANTS = {
     "before issue 20 (masked sdpa, LoRA input casts, every loss chunk recomputed)": BEFORE_ISSUE,
     "per-row attention, no input casts, last chunk kept (2026-12-02 01:00)": LAST_SESSION,
     "+ fused frozen-head loss (dL/dh in forward) (2026-12-02 09:00)": FUSED,
-    "+ attention scores kept in bf16, scale on q": dict(NOW, loss="fused_allocating"),
-    "+ loss buffers kept between micro-steps": NOW,
+    "+ attention scores kept in bf16, scale on q": dict(
+        NOW, loss="fused_allocating", cpu_dropout=False
+    ),
+    "+ loss buffers kept between micro-steps": dict(NOW, cpu_dropout=False),
     "+ LoRA dropout from 64-bit draws (2026-12-02 20:00)": dict(NOW, cpu_dropout="where"),
-    "+ dropout by a 0/1 multiply, no bool ops (now)": dict(NOW, cpu_dropout=True),
+    "+ dropout by a 0/1 multiply, no bool ops": NOW,
+    "+ causal mask added as a 0/-inf bias, no masked_fill (now)": dict(NOW, attention="packed"),
 }
 
 
-def rows_attention_fp32_scores(query, key, value, lengths, dropout, scaling, training):
-    """packed_attention._rows_attention before 2026-12-02 16:00, for the comparison."""
+def rows_attention_masked_fill(query, key, value, lengths, dropout, scaling, training,
+                               fp32_scores=False):  # fmt: skip
+    """packed_attention._rows_attention before 2026-12-03 (fp32_scores: before 2026-12-02
+    16:00), for the comparison."""
     import torch.nn.functional as F
 
     _, heads, _, dim = query.shape
     kv_heads = key.shape[1]
     groups = heads // kv_heads
     scale = scaling if scaling is not None else dim**-0.5
+    if not fp32_scores:
+        query = query * scale
     outs, start = [], 0
     for n in lengths:
         q = query[:, :, start : start + n].reshape(1, kv_heads, groups, n, dim)
         k = key[:, :, start : start + n].unsqueeze(2)
         v = value[:, :, start : start + n].unsqueeze(2)
-        scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale
+        scores = torch.matmul(q, k.transpose(-1, -2))
+        if fp32_scores:
+            scores = scores.float() * scale
         if n > 1:
             future = torch.ones(n, n, dtype=torch.bool, device=scores.device).triu(1)
             scores = scores.masked_fill(future, float("-inf"))
@@ -87,6 +99,20 @@ def rows_attention_fp32_scores(query, key, value, lengths, dropout, scaling, tra
         start += n
     out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
     return out.transpose(1, 2).contiguous()
+
+
+def _cpu_times() -> list[int]:
+    """Jiffies of /proc/stat's `cpu` line (user nice system idle iowait irq softirq steal)."""
+    try:
+        return [int(v) for v in Path("/proc/stat").read_text().split("\n")[0].split()[1:9]]
+    except (OSError, ValueError):
+        return [0] * 8
+
+
+def _steal_share(before: list[int], after: list[int]) -> float:
+    """Share of the CPU time the hypervisor gave to other guests (steal) between two reads."""
+    diff = [b - a for a, b in zip(before, after)]
+    return diff[7] / sum(diff) if sum(diff) else 0.0
 
 
 def _where_dropout_class():
@@ -139,9 +165,10 @@ def main(cfg: VariantsConfig) -> int:
                 else nn.Dropout
             )
         base.set_attn_implementation("sdpa" if attention == "sdpa" else NAME)
-        packed_attention._rows_attention = (
-            rows_attention_fp32_scores if attention == "packed_fp32_scores" else rows_attention
-        )
+        packed_attention._rows_attention = {
+            "packed_fp32_scores": partial(rows_attention_masked_fill, fp32_scores=True),
+            "packed_masked_fill": rows_attention_masked_fill,
+        }.get(attention, rows_attention)
         for m in lora_layers:
             m.cast_input_dtype_enabled = casts
         loss_mod._BENCH_LOSS_PATH = None if loss.startswith("fused") else loss
@@ -151,26 +178,37 @@ def main(cfg: VariantsConfig) -> int:
     tokens = sum(b["input_ids"].numel() for b in bench.batches)
     print(f"# {bench.precision.label}, {cfg.rows} packed rows per micro-step, {tokens} tokens "
           f"per round per variant, LoRA r={cfg.lora_r} on {','.join(cfg.lora_target_modules)}")  # fmt: skip
-    print("| threads | variant | tok/s | vs first |")
-    print("|---|---|---|---|")
+    # "best round": tokens / the fastest round's seconds. On a shared VM whose neighbours come
+    # and go, a slow round is the neighbours; the fastest is the closest to the code's speed.
+    # "paired": the median over rounds of (first variant's seconds / this one's) in the same
+    # round; neighbours' load drifts slowly, so a ratio inside one round mostly cancels it.
+    print("| threads | variant | tok/s | vs first | best round tok/s | vs first | paired |")
+    print("|---|---|---|---|---|---|---|")
     for threads in map(int, cfg.threads):
         if threads:
             torch.set_num_threads(threads)
         set_variant(**VARIANTS[names[-1]])
         bench.micro_step(bench.batches[0])  # warm-up (allocator, first-call costs)
-        secs = defaultdict(float)
+        secs = defaultdict(list)
+        cpu_before = _cpu_times()
         for _ in range(cfg.rounds):
             for name in names:
                 set_variant(**VARIANTS[name])
                 t0 = time.perf_counter()
                 for b in bench.batches:
                     bench.micro_step(b)
-                secs[name] += time.perf_counter() - t0
-        first = tokens * cfg.rounds / secs[names[0]]
+                secs[name].append(time.perf_counter() - t0)
+        steal = _steal_share(cpu_before, _cpu_times())
+        first = tokens * cfg.rounds / sum(secs[names[0]])
+        best_first = tokens / min(secs[names[0]])
         for name in names:
-            rate = tokens * cfg.rounds / secs[name]
-            print(f"| {torch.get_num_threads()} | {name} | {rate:.1f} | {rate / first:.2f}x |",
+            rate, best = tokens * cfg.rounds / sum(secs[name]), tokens / min(secs[name])
+            paired = statistics.median(a / b for a, b in zip(secs[names[0]], secs[name]))
+            print(f"| {torch.get_num_threads()} | {name} | {rate:.1f} | {rate / first:.2f}x "
+                  f"| {best:.1f} | {best / best_first:.2f}x | {paired:.3f}x |",
                   flush=True)  # fmt: skip
+        print(f"# {torch.get_num_threads()} threads: CPU time stolen by the hypervisor over these "
+              f"rounds {100 * steal:.1f}% (/proc/stat; noise beyond this is other load)")  # fmt: skip
     return 0
 
 
