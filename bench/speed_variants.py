@@ -30,6 +30,7 @@ from step_setup import StepConfig, setup_step  # noqa: E402
 
 from lora_alpaca import cli  # noqa: E402
 from lora_alpaca.cli import field  # noqa: E402
+from lora_alpaca.train.dropout import CpuDropout, keep_mask, keep_scale  # noqa: E402
 
 
 @dataclass
@@ -115,16 +116,11 @@ def _steal_share(before: list[int], after: list[int]) -> float:
     return diff[7] / sum(diff) if sum(diff) else 0.0
 
 
-def _where_dropout_class():
-    from lora_alpaca.train.dropout import CpuDropout, keep_mask, keep_scale
+class WhereDropout(CpuDropout):
+    """train/dropout.py's CpuDropout before 2026-12-03: torch.where with the bool mask."""
 
-    class WhereDropout(CpuDropout):
-        """train/dropout.py's CpuDropout before 2026-12-03: torch.where with the bool mask."""
-
-        def forward(self, x):
-            return torch.where(keep_mask(x.shape, self.p), x * keep_scale(self.p), 0.0)
-
-    return WhereDropout
+    def forward(self, x):
+        return torch.where(keep_mask(x.shape, self.p), x * keep_scale(self.p), 0.0)
 
 
 def main(cfg: VariantsConfig) -> int:
@@ -144,10 +140,11 @@ def main(cfg: VariantsConfig) -> int:
 
     from torch import nn
 
-    from lora_alpaca.train.dropout import CpuDropout
-
-    where_dropout = _where_dropout_class()
-
+    dropout_class = {"where": WhereDropout, True: CpuDropout, False: nn.Dropout}
+    rows_attention_of = {
+        "packed_fp32_scores": partial(rows_attention_masked_fill, fp32_scores=True),
+        "packed_masked_fill": rows_attention_masked_fill,
+    }
     drops = [d for m in lora_layers for d in m.lora_dropout.values() if isinstance(d, nn.Dropout)]
     rows_attention = packed_attention._rows_attention
     kept_buffer = loss_mod._chunk_buffer
@@ -157,18 +154,9 @@ def main(cfg: VariantsConfig) -> int:
 
     def set_variant(attention, casts, loss, chunk=None, cpu_dropout=False):
         for d in drops:  # same p, the other mask generator
-            d.__class__ = (
-                where_dropout
-                if cpu_dropout == "where"
-                else CpuDropout
-                if cpu_dropout
-                else nn.Dropout
-            )
+            d.__class__ = dropout_class[cpu_dropout]
         base.set_attn_implementation("sdpa" if attention == "sdpa" else NAME)
-        packed_attention._rows_attention = {
-            "packed_fp32_scores": partial(rows_attention_masked_fill, fp32_scores=True),
-            "packed_masked_fill": rows_attention_masked_fill,
-        }.get(attention, rows_attention)
+        packed_attention._rows_attention = rows_attention_of.get(attention, rows_attention)
         for m in lora_layers:
             m.cast_input_dtype_enabled = casts
         loss_mod._BENCH_LOSS_PATH = None if loss.startswith("fused") else loss

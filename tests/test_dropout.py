@@ -79,9 +79,10 @@ def test_mask_values_are_the_bool_mask_of_the_same_draws(p):
     values = keep_values((4096, 33), p, torch.bfloat16)
     assert values.dtype == torch.bfloat16 and set(values.unique().tolist()) <= {0.0, 1.0}
     assert torch.equal(values.bool(), kept)
-    edge = torch.tensor([-32768, dropout._threshold(p) - 1, dropout._threshold(p), 32767])
-    shifted = edge.to(torch.int32).sub_(dropout._threshold(p) - 1).clamp_(0, 1)
-    assert shifted.tolist() == [0, 0, 1, 1]
+    t = dropout._threshold(p)
+    edge = torch.tensor([-32768, t - 1, t, 32767], dtype=torch.int16)
+    assert dropout._kept01(edge, p).tolist() == [0, 0, 1, 1]
+    assert (edge >= t).tolist() == [False, False, True, True]  # keep_mask's rule, same edges
     # And the layer's output is the mask's: dropped exactly where keep_mask is False.
     x = torch.randn(4096, 33).bfloat16() + 8  # no zeros in the input itself
     torch.set_rng_state(state)

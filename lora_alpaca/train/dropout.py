@@ -69,9 +69,14 @@ def keep_mask(shape, p: float) -> torch.Tensor:
 
 def keep_values(shape, p: float, dtype: torch.dtype) -> torch.Tensor:
     """keep_mask as exact 0/1 values of `dtype`, from the same draws (the same mask for the
-    same generator state), made with integer ops: clamp(u - t + 1, 0, 1) is 1 iff u >= t."""
-    shifted = _uniform16(shape).to(torch.int32).sub_(_threshold(p) - 1)  # no int16 overflow
-    return shifted.clamp_(0, 1).to(dtype)
+    same generator state)."""
+    return _kept01(_uniform16(shape), p).to(dtype)
+
+
+def _kept01(uniform16: torch.Tensor, p: float) -> torch.Tensor:
+    """int32 1 where uniform16 >= the threshold t, else 0, with integer ops and no bool
+    tensor: clamp(u - t + 1, 0, 1). int32 because u - t overflows int16."""
+    return uniform16.to(torch.int32).sub_(_threshold(p) - 1).clamp_(0, 1)
 
 
 def use_cpu_dropout(peft_model) -> int:

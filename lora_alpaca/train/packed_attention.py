@@ -92,7 +92,8 @@ def _rows_attention(query, key, value, lengths, dropout, scaling, training):
             # bit for bit (softmax's gradient is already 0 where p = 0), but bool tensors take
             # torch's slow CPU paths and masked_fill runs again in backward: fwd+bwd of mask +
             # softmax for a 125-token row, 9 heads, bf16: 0.50 ms instead of 0.72.
-            scores = scores + _causal_bias(n, scores.device, scores.dtype)
+            # In place: matmul's backward needs q and k, not its output.
+            scores.add_(_causal_bias(n, scores.device, scores.dtype))
         probs = scores.softmax(-1).to(v.dtype)
         if dropout and training:
             probs = F.dropout(probs, p=dropout)
@@ -111,10 +112,7 @@ def _causal_bias(n: int, device, dtype) -> torch.Tensor:
     big = _bias_cache.get((device, dtype))
     if big is None or big.shape[0] < n:
         size = max(n, 512)
-        future = torch.ones(size, size, dtype=torch.bool, device=device).triu(1)
-        big = torch.zeros(size, size, dtype=dtype, device=device).masked_fill_(
-            future, float("-inf")
-        )
+        big = torch.full((size, size), float("-inf"), dtype=dtype, device=device).triu(1)
         _bias_cache[(device, dtype)] = big
     return big[:n, :n]
 
