@@ -2,6 +2,7 @@
 
     OMP_NUM_THREADS=2 python bench/profile_step.py            # SmolLM2, 4 Alpaca rows packed
     python bench/profile_step.py --steps 3 --top 40           # also the raw top-40 op table
+    python bench/profile_step.py --steps 3 --by_shape 60      # top 60 (op, input shapes) pairs
 
 One micro-step = the project's forward (bf16 frozen base + LoRA under autocast, packed rows,
 chunked loss) + backward + AdamW step, exactly as lora_alpaca.train.loop runs it. Warm-up
@@ -35,6 +36,9 @@ class ProfileConfig(StepConfig):
     warmup: int = field(2, "Unprofiled steps first (the profiled batches also run once before).")
     steps: int = field(3, "Profiled steps.")
     top: int = field(0, "Also print the top-N ops by self CPU time (0 = no).")
+    by_shape: int = field(
+        0, "Also print the top-N (op, input shapes) pairs by self CPU time (0 = no)."
+    )
 
 
 # Bucket of an op, by name and input shapes (forward and backward alike: a LoRA matmul has
@@ -175,6 +179,17 @@ def main(cfg: ProfileConfig) -> int:
     if cfg.top:
         print()
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=cfg.top))
+    if cfg.by_shape:
+        # Which call sites an op's time comes from: the same op on different shapes is usually
+        # a different place in the step (a weight cast vs an activation cast).
+        rows = [
+            a for a in prof.key_averages(group_by_input_shape=True) if a.key.startswith("aten::")
+        ]
+        rows.sort(key=lambda a: -a.self_cpu_time_total)
+        print("\n| op | input shapes | calls / step | self CPU ms / step |\n|---|---|---|---|")
+        for a in rows[: cfg.by_shape]:
+            print(f"| {a.key} | {a.input_shapes} | {a.count / cfg.steps:.0f} | "
+                  f"{a.self_cpu_time_total / 1e3 / cfg.steps:.1f} |")  # fmt: skip
     return 0
 
 
