@@ -23,18 +23,25 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from step_setup import StepConfig, setup_step  # noqa: E402
 
 from lora_alpaca import cli  # noqa: E402
 from lora_alpaca.cli import field  # noqa: E402
+from lora_alpaca.errors import UsageError  # noqa: E402
 
 
 @dataclass
 class GemmShareConfig(StepConfig):
     steps: int = field(3, "Micro-batches (each its own number of tokens).")
     rounds: int = field(8, "Interleaved rounds of step, replay and peak.")
+
+    def __post_init__(self):
+        bad = [f"--{k} {v}" for k, v in (("steps", self.steps), ("rounds", self.rounds)) if v < 1]
+        if bad:
+            raise UsageError(f"{', '.join(bad)}: must be at least 1")
 
 
 def _seconds(fn) -> float:
@@ -43,14 +50,8 @@ def _seconds(fn) -> float:
     return time.perf_counter() - t0
 
 
-def _peak_gflops(dtype: torch.dtype) -> float:
-    a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
-    a @ b
-    return 2 * 2048**3 / min(_seconds(lambda: a @ b) for _ in range(5)) / 1e9
-
-
 def main(cfg: GemmShareConfig) -> int:
-    from torch import nn
+    from bench_train import matmul_peak_gflops
 
     bench = setup_step(cfg, cfg.steps)
     base = bench.model.get_base_model()
@@ -80,8 +81,7 @@ def main(cfg: GemmShareConfig) -> int:
 
     with torch.no_grad():
         replays = [replay_of(b["input_ids"].numel()) for b in bench.batches]
-    steps, gemms, ratios = [[] for _ in bench.batches], [[] for _ in bench.batches], []
-    peaks = []
+    steps, gemms, peaks = [[] for _ in bench.batches], [[] for _ in bench.batches], []
     for b in bench.batches:  # first-call costs
         bench.micro_step(b)
     for _ in range(cfg.rounds):
@@ -89,8 +89,7 @@ def main(cfg: GemmShareConfig) -> int:
             steps[i].append(_seconds(lambda b=b: bench.micro_step(b)))
             with torch.no_grad():
                 gemms[i].append(_seconds(replays[i][0]))
-            ratios.append(gemms[i][-1] / steps[i][-1])
-        peaks.append(_peak_gflops(dtype))
+        peaks.append(matmul_peak_gflops(dtype, seconds=0.5))
     peak = max(peaks)
     print(f"# {bench.precision.label}, {cfg.rows} packed rows per micro-step, LoRA r={cfg.lora_r} on "
           f"{','.join(cfg.lora_target_modules)}, {torch.get_num_threads()} threads, best of "
@@ -104,9 +103,8 @@ def main(cfg: GemmShareConfig) -> int:
         print(f"| {b['input_ids'].numel()} | {s * 1e3:.0f} | {g * 1e3:.0f} "
               f"| {flops / g / 1e9:.0f} ({flops / g / 1e9 / peak:.0%}) "
               f"| {flops / s / 1e9:.0f} ({flops / s / 1e9 / peak:.0%}) |")  # fmt: skip
-    print(
-        f"# GEMMs' share of the step, median over rounds and batches: {statistics.median(ratios):.0%}"
-    )
+    share = statistics.median(g / s for st, ge in zip(steps, gemms) for s, g in zip(st, ge))
+    print(f"# GEMMs' share of the step, median over rounds and batches: {share:.0%}")
     return 0
 
 
