@@ -31,6 +31,7 @@ from step_setup import StepConfig, setup_step  # noqa: E402
 from lora_alpaca import cli  # noqa: E402
 from lora_alpaca.cli import field  # noqa: E402
 from lora_alpaca.train.dropout import CpuDropout, keep_mask, keep_scale  # noqa: E402
+from lora_alpaca.train.packed_attention import _causal_bias  # noqa: E402
 
 
 @dataclass
@@ -46,7 +47,8 @@ class VariantsConfig(StepConfig):
 # name -> settings; `attention`: transformers' "sdpa" (masked over the pack), the project's
 # per-row function ("packed"), or that function as it was before 2026-12-02 16:00
 # ("packed_fp32_scores": scores cast to fp32, scaled, masked, softmaxed, cast back) or before
-# 2026-12-03 ("packed_masked_fill": the bool mask applied by masked_fill); `casts`:
+# 2026-12-03 ("packed_masked_fill": the bool mask applied by masked_fill) or before
+# 2026-12-03 19:00 ("packed_sliced": a slice per row, GQA by a broadcasting matmul); `casts`:
 # peft's fp32 cast of LoRA inputs; `loss`: the chunked loss's path ("fused" frozen-head,
 # "fused_allocating": the same with fresh [chunk, vocab] buffers every micro-step instead of
 # the kept ones; "checkpointed" every chunk but the last; "recompute_all"); `chunk`: loss chunk size
@@ -66,14 +68,18 @@ VARIANTS = {
     "+ loss buffers kept between micro-steps": dict(NOW, cpu_dropout=False),
     "+ LoRA dropout from 64-bit draws (2026-12-02 20:00)": dict(NOW, cpu_dropout="where"),
     "+ dropout by a 0/1 multiply, no bool ops": NOW,
-    "+ causal mask added as a 0/-inf bias, no masked_fill (now)": dict(NOW, attention="packed"),
+    "+ causal mask added as a 0/-inf bias, no masked_fill": dict(NOW, attention="packed_sliced"),
+    "+ rows split (one cat in backward), GQA as one bmm per row (now)": dict(
+        NOW, attention="packed"
+    ),
 }
 
 
 def rows_attention_masked_fill(query, key, value, lengths, dropout, scaling, training,
-                               fp32_scores=False):  # fmt: skip
+                               fp32_scores=False, bias=False):  # fmt: skip
     """packed_attention._rows_attention before 2026-12-03 (fp32_scores: before 2026-12-02
-    16:00), for the comparison."""
+    16:00; bias: the cached 0/-inf bias in place of masked_fill, before 2026-12-03 19:00),
+    for the comparison."""
     import torch.nn.functional as F
 
     _, heads, _, dim = query.shape
@@ -90,7 +96,9 @@ def rows_attention_masked_fill(query, key, value, lengths, dropout, scaling, tra
         scores = torch.matmul(q, k.transpose(-1, -2))
         if fp32_scores:
             scores = scores.float() * scale
-        if n > 1:
+        if n > 1 and bias:
+            scores.add_(_causal_bias(n, scores.device, scores.dtype))
+        elif n > 1:
             future = torch.ones(n, n, dtype=torch.bool, device=scores.device).triu(1)
             scores = scores.masked_fill(future, float("-inf"))
         probs = scores.softmax(-1).to(v.dtype)
@@ -144,6 +152,7 @@ def main(cfg: VariantsConfig) -> int:
     rows_attention_of = {
         "packed_fp32_scores": partial(rows_attention_masked_fill, fp32_scores=True),
         "packed_masked_fill": rows_attention_masked_fill,
+        "packed_sliced": partial(rows_attention_masked_fill, bias=True),
     }
     drops = [d for m in lora_layers for d in m.lora_dropout.values() if isinstance(d, nn.Dropout)]
     rows_attention = packed_attention._rows_attention

@@ -67,6 +67,7 @@ def _rows_attention(query, key, value, lengths, dropout, scaling, training):
     # (bench/profile_step.py, BENCHMARKS.md) the flash-attention-for-CPU kernel ran fwd+bwd of
     # 4 causal 120-token rows 1.4x faster per row than masked over the whole pack, but this
     # eager form 2.4x: its bmm calls hit the bf16 GEMM, the flash kernel's small blocks do not.
+    # On the AMX Xeon (2026-12-03): sdpa per row fwd+bwd 2.5x slower than this, 30 layers.
     # The cost is the [H, L, L] scores held for backward, per row (L <= cutoff_len), as HF's
     # eager path does.
     _, heads, _, dim = query.shape
@@ -80,12 +81,21 @@ def _rows_attention(query, key, value, lengths, dropout, scaling, training):
     # copy is made, scaled or cast back, in forward or in backward (profiled: these casts
     # were a third of attention's time in bf16).
     query = query * scale
-    outs, start = [], 0
-    for n in lengths:
-        # GQA without repeat_kv: [1, kv, groups, n, d] queries against [1, kv, 1, n, d] keys.
-        q = query[:, :, start : start + n].reshape(1, kv_heads, groups, n, dim)
-        k = key[:, :, start : start + n].unsqueeze(2)
-        v = value[:, :, start : start + n].unsqueeze(2)
+    outs = []
+    # torch.split, not a slice per row: split's backward is one cat, where each slice's
+    # backward writes its rows into a fresh zeroed [1, H, T, d] and the slices' gradients are
+    # then added up (profiled: those zero-fills, copies and adds were a quarter of attention's
+    # time for 4 rows).
+    rows = zip(query.split(lengths, dim=2), key[0].split(lengths, dim=1),
+               value[0].split(lengths, dim=1))  # fmt: skip
+    for q, k, v in rows:
+        n = k.shape[1]
+        # GQA as one plain bmm per row: the `groups` query heads that share a kv head are
+        # stacked along the rows of one matmul ([kv, groups * n, d] against [kv, d, n]). A
+        # broadcasting matmul over a groups axis instead copies each k and v `groups` times
+        # and sums their gradients over that axis in bf16; here the sum happens inside the
+        # GEMM's fp32 accumulation (closer to an fp32 reference, tested).
+        q = q.reshape(kv_heads, groups * n, dim)
         scores = torch.matmul(q, k.transpose(-1, -2))
         if n > 1:
             # + (0 or -inf), not masked_fill with a bool mask: the same scores and gradients
@@ -93,14 +103,16 @@ def _rows_attention(query, key, value, lengths, dropout, scaling, training):
             # torch's slow CPU paths and masked_fill runs again in backward: fwd+bwd of mask +
             # softmax for a 125-token row, 9 heads, bf16: 0.50 ms instead of 0.72.
             # In place: matmul's backward needs q and k, not its output.
-            scores.add_(_causal_bias(n, scores.device, scores.dtype))
+            causal = _causal_bias(n, scores.device, scores.dtype)
+            scores.view(kv_heads, groups, n, n).add_(causal)
         probs = scores.softmax(-1).to(v.dtype)
         if dropout and training:
             probs = F.dropout(probs, p=dropout)
-        outs.append(torch.matmul(probs, v).reshape(1, heads, n, dim))
-        start += n
-    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
-    return out.transpose(1, 2).contiguous()
+        # [1, n, H, d] per row, joined along the tokens by one cat: the layout the model's
+        # o_proj reads, with one copy (a cat along heads' rows and then .contiguous() of the
+        # transpose made two).
+        outs.append(torch.matmul(probs, v).reshape(1, heads, n, dim).transpose(1, 2))
+    return outs[0].contiguous() if len(outs) == 1 else torch.cat(outs, dim=1)
 
 
 _bias_cache: dict = {}
