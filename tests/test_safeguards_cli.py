@@ -34,7 +34,8 @@ def test_file_mode_watermark_filter_and_detector(smollm2, tmp_path):
     out = tmp_path / "answers.jsonl"
     r = run_script("generate.py", "--base_model", smollm2, "--input_file", rows,
                    "--output_file", out, "--watermark", "--watermark_key", KEY,
-                   "--moderation", "keywords", *SAMPLE, "--max_new_tokens", "100", "--seed", "7")  # fmt: skip
+                   "--moderation", "keywords", *SAMPLE, "--max_new_tokens", "100",
+                   "--min_new_tokens", "64", "--seed", "7")  # fmt: skip
     assert r.returncode == 0, r.stderr[-2000:]
     answers = [json.loads(line) for line in out.read_text().splitlines()]
     assert answers[1]["finish_reason"] == "content_filter"
@@ -52,12 +53,13 @@ def test_file_mode_watermark_filter_and_detector(smollm2, tmp_path):
         assert {"z_score", "p_value", "green_fraction", "num_tokens_scored", "prediction"} <= set(f)
     assert found[1]["verdict"] == "too_short"  # the refusal: a few tokens, no verdict
     # The detector's power grows with length: a sampled answer that stops after ~20 tokens
-    # rarely reaches z = 4 even when every token was watermarked (which answers stop early
-    # differs between CPUs: seen on an AMX Xeon, 20-23 tokens, z 2.2-3.1). Every answer long
-    # enough to decide must be detected, and the run must hold at least two of them.
-    long = [f for f in found if f["num_tokens_scored"] >= 50]
-    assert len(long) >= 2, found
-    assert all(f["prediction"] for f in long), found
+    # rarely reaches z = 4 even when every token was watermarked, and which answers stop
+    # early differs between CPUs (AMX Xeon: 20-23 tokens, z 2.2-3.1; AVX512 EPYC: 3 of 4).
+    # --min_new_tokens 64 holds the EOS back, so every answer but the refusal is long
+    # enough to decide, and each must be detected.
+    answered = [f for f in found if f["id"] != 1]
+    assert all(f["num_tokens_scored"] >= 50 for f in answered), found
+    assert all(f["prediction"] for f in answered), found
 
     wrong = tmp_path / "wrong.jsonl"
     w = run_script("generate.py", "--base_model", smollm2, "--detect_watermark", out,

@@ -67,6 +67,10 @@ class GenerateConfig(ServeFlags):
     num_beams: int = F(4, "Beams (--mode beam).")
     repetition_penalty: float = F(1.0, "Penalty for repeating tokens (1.0 = off).")
     max_new_tokens: int = F(256, "Most tokens to generate per answer.")
+    min_new_tokens: int = F(
+        0,
+        "Fewest tokens per answer: the end-of-answer token is held back until then (the template's stop strings still end it). 0 = off.",
+    )
     seed: int = F(0, "Random seed: the same seed gives the same sample.")
     batch_size: int = F(8, "Prompts per batch with --input_file.")
     server_name: str = F(

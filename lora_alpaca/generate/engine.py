@@ -36,6 +36,7 @@ class DecodingSettings:
     num_beams: int = 4
     repetition_penalty: float = 1.0
     max_new_tokens: int = 256
+    min_new_tokens: int = 0
     seed: int = 0
 
     @classmethod
@@ -69,6 +70,10 @@ class DecodingSettings:
             )
         if self.max_new_tokens < 1:
             raise UsageError(f"--max_new_tokens {self.max_new_tokens}: must be >= 1")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise UsageError(
+                f"--min_new_tokens {self.min_new_tokens}: must be in 0 .. --max_new_tokens ({self.max_new_tokens})"
+            )
         return self
 
 
@@ -108,6 +113,7 @@ def build_generation_config(
 
     kwargs: dict = dict(
         max_new_tokens=settings.max_new_tokens,
+        min_new_tokens=settings.min_new_tokens or None,  # EOS suppressed until then
         eos_token_id=list(eos_ids) if eos_ids is not None else eos_token_ids(model, tokenizer),
         pad_token_id=tokenizer.pad_token_id,
         repetition_penalty=settings.repetition_penalty,
@@ -250,7 +256,10 @@ class TextGenerator:
         model produces garbage (or runs until killed with a huge --max_new_tokens)."""
         ctx = self.context_len()
         if ctx and prompt_len + settings.max_new_tokens > ctx:
-            return dataclasses.replace(settings, max_new_tokens=max(1, ctx - prompt_len))
+            cap = max(1, ctx - prompt_len)
+            return dataclasses.replace(
+                settings, max_new_tokens=cap, min_new_tokens=min(settings.min_new_tokens, cap)
+            )
         return settings
 
     def _config(self, settings: DecodingSettings, eos_ids: Sequence[int]):
