@@ -163,6 +163,7 @@ CASES = [
          lambda w: gen(w, "--min_new_tokens", "300", "--max_new_tokens", "256"),
          ("--min_new_tokens 300", "0 .. --max_new_tokens (256)")),
     Case("ft-weight-decay-negative", "finetune", lambda w: ft(w, "--weight_decay", "-0.1"), ("--weight_decay must be >= 0",)),
+    Case("ft-threads-negative", "finetune", lambda w: ft(w, "--threads", "-1"), ("--threads must be >= 0",)),
     Case("ft-learning-rate-nan", "finetune", lambda w: ft(w, "--learning_rate", "nan"), ("--learning_rate", "not a finite number")),
     Case("ft-yaml-learning-rate-inf", "finetune",
          lambda w: ft(w, "--config", w.file("c.yaml", "learning_rate: .inf\n")), ("learning_rate", "not a finite number")),

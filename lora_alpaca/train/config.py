@@ -221,6 +221,10 @@ class FinetuneConfig:
         "Compute the LM-head + cross-entropy in chunks of this many tokens so the full logits never exist in memory (0 = plain loss).",
     )
     seed: int = _training(42, "Random seed (data order, LoRA init, dropout).", tags=("resume",))
+    threads: int = _training(
+        0,
+        "CPU threads torch computes with (0 = torch's default, one per core: the fastest measured on an idle machine). On a machine busy with other jobs, the cores they leave free: 2 threads with one core taken by another job measured 2.3x slower than 1 (BENCHMARKS.md).",
+    )
     # --- checkpoints, logging ------------------------------------------------------
     output_dir: str = _checkpoints(
         "./lora-alpaca",
@@ -306,6 +310,7 @@ def validate(cfg: FinetuneConfig, world_size: int = 1) -> None:
         "warmup_steps",
         "val_set_size",
         "loss_chunk_size",
+        "threads",
     ):
         if getattr(cfg, name) < 0:
             problems.append(f"--{name} must be >= 0 (got {getattr(cfg, name)})")

@@ -274,6 +274,11 @@ def _before_training(cfg, s: Stepper, train_rows, val_rows, pos: Position, plan:
                      cfg.eval_steps if val_rows else 0, s.accelerator.device.type == "cuda", tok_s))  # fmt: skip
 
 
+def _threads() -> str:
+    n = torch.get_num_threads()
+    return f"{n} CPU thread" + ("s" if n != 1 else "")
+
+
 def train_loop(
     cfg: FinetuneConfig,
     accelerator,
@@ -297,7 +302,8 @@ def train_loop(
     total, lengths, windows = plan.total_steps, [len(r["input_ids"]) for r in train_rows], {}
     log(f"training: {len(train_rows)} rows, {plan.steps_per_epoch} steps/epoch, {total} steps of {cfg.batch_size} rows "
         f"({cfg.micro_batch_size} x {plan.accum} accumulation x {accelerator.num_processes} process(es)), dtype "
-        f"{precision.label}, packing {'on' if cfg.packing else 'off'}, {sum(p.numel() for p in trainable):,} trainable parameters")  # fmt: skip
+        f"{precision.label}, packing {'on' if cfg.packing else 'off'}, {sum(p.numel() for p in trainable):,} trainable parameters"
+        + (f", {_threads()}" if accelerator.device.type == "cpu" else ""))  # fmt: skip
     s.module.train()
     _before_training(cfg, s, train_rows, val_rows, pos, plan, log)
     faults, sentinel = Faults(accelerator.is_main_process), Sentinel(plan.warmup, total)

@@ -228,14 +228,13 @@ def preflight_output_dir(cfg: FinetuneConfig, output_dir: Path) -> None:
 def _setup_accelerator(cfg: FinetuneConfig):
     """Accelerator (processes, device), quantization and precision."""
     from lora_alpaca.models import resolve_precision
+    from lora_alpaca.train.cpu_threads import set_threads
 
     accelerator = distributed.make_accelerator(cfg.fsdp)  # DDP, or FSDP2 (config / --fsdp)
     device = accelerator.device
-    quantization = (
-        cfg.quantization
-        if cfg.quantization != "auto"
-        else ("8bit" if device.type == "cuda" else "none")
-    )
+    set_threads(cfg.threads, device, accelerator.num_processes, log)  # --threads, or a note
+    auto = "8bit" if device.type == "cuda" else "none"  # as alpaca-lora; bf16 beats it on CPU
+    quantization = cfg.quantization if cfg.quantization != "auto" else auto
     quantization = distributed.check_quantization(accelerator, cfg.quantization, quantization)
     precision = resolve_precision(cfg.dtype, device, quantization)
     return accelerator, quantization, precision
@@ -395,6 +394,7 @@ def _write_outputs(cfg, started, output_dir, template, ref, tokenizer, prepared,
         "world_size": accelerator.num_processes,
         "sharding": "fsdp2" if distributed.is_fsdp(accelerator) else None,
         "device": str(accelerator.device),
+        "torch_threads": torch.get_num_threads(),
         "quantization": quantization,
         "dtype": precision.label,
         "steps": pos.global_step,
