@@ -30,10 +30,10 @@ SAMPLE_S = 0.3  # one sleep at start-up, CPU runs only: noise against a run of m
 SLACK = 0.4
 
 
-def set_threads(requested: int, device: torch.device, processes: int, log) -> int:
+def set_threads(requested: int, device: torch.device, processes: int, log) -> None:
     """Set torch's intra-op threads when --threads asks (0 = torch's default) and, where the
     user left it to torch on a one-process CPU run, log a note if other jobs hold the cores
-    (a 0.3 s look at /proc/stat). Returns the count in use."""
+    (a 0.3 s look at /proc/stat)."""
     if requested > 0:
         torch.set_num_threads(requested)
     threads = torch.get_num_threads()
@@ -41,7 +41,6 @@ def set_threads(requested: int, device: torch.device, processes: int, log) -> in
         note = busy_cores_note(threads, other_jobs_cores(), os.cpu_count() or threads)
         if note:
             log(note)
-    return threads
 
 
 def _busy_jiffies() -> tuple[int, int] | None:

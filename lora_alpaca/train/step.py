@@ -171,16 +171,21 @@ def time_one_micro_batch(stepper: Stepper, rows: list[dict]) -> float:
     from accelerate.utils import DistributedType
 
     fsdp = stepper.accelerator.distributed_type == DistributedType.FSDP
-    seconds = 0.0
-    for _ in range(2):  # an untimed warm-up, then the timed micro-batch
+    batch = stepper.batch(rows)  # built and moved to the device once, for both passes
+
+    def forward_backward() -> float:
         started = time.perf_counter()
         with contextlib.nullcontext() if fsdp else stepper.accelerator.no_sync(stepper.module):
             with stepper.autocast():
-                loss = stepper.module(**stepper.batch(rows))
+                loss = stepper.module(**batch)
             loss.backward()
         if stepper.accelerator.device.type == "cuda":
             torch.cuda.synchronize()  # the timing needs the GPU done
-        seconds = time.perf_counter() - started
+        elapsed = time.perf_counter() - started
         stepper.optimizer.zero_grad(set_to_none=True)
+        return elapsed
+
+    forward_backward()  # untimed warm-up
+    seconds = forward_backward()
     set_rng_state(saved)
     return seconds
