@@ -29,10 +29,11 @@ from lora_alpaca.errors import UsageError
 
 def expand_user(path) -> Path:
     """`~` / `~user` expanded where it can be; a name like `~..` (no such user) stays as
-    typed instead of raising RuntimeError out of pathlib."""
+    typed instead of raising RuntimeError out of pathlib, and so does `~` followed by a NUL
+    byte (the user lookup raises ValueError), which the caller's checks then refuse."""
     try:
         return Path(path).expanduser()
-    except RuntimeError:
+    except (RuntimeError, ValueError):
         return Path(path)
 
 

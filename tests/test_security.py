@@ -323,6 +323,7 @@ SEGMENTS = [
 )
 @example(parts=["..", "..", "etc", "passwd"], sep="/", lead="")
 @example(parts=["..", "templates", "alpaca"], sep="/", lead="")
+@example(parts=["~", "\x00"], sep="\\", lead="")  # `~user` lookup of a NUL name: ValueError
 def test_template_names_cannot_escape_templates(parts, sep, lead):
     from lora_alpaca.prompts import TEMPLATES_DIR, available_templates, load_template
 
