@@ -50,9 +50,10 @@ def run_estimate(
     on_gpu: bool,
     tok_s: float = 0.0,
 ) -> str:
-    """The rest of the run's expected length, printed before training: from a timed
-    forward+backward (`step_s` per optimizer step, `tok_s` tokens/s) and the timed evaluation
-    (evaluations every `eval_steps` and at the end), with what would change it."""
+    """The rest of the run's expected length, printed a few seconds into training: from a
+    timed micro-batch of it (`step_s` per optimizer step, `tok_s` tokens/s) and the timed
+    evaluation (evaluations every `eval_steps` and at the end), with what would change it.
+    `step`: optimizer steps finished."""
     steps_left = total_steps - step
     evals_left = 0
     if eval_steps and eval_s:  # eval_steps 0: no validation rows, so no evaluations

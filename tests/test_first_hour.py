@@ -112,3 +112,30 @@ def test_finetune_help_is_sectioned():
     assert "A bare --audit_only means true." in flat
     assert "Off by default, because that code runs with your permissions" in flat
     assert alarming_lines(r.stderr) == [], r.stderr
+
+
+def test_estimate_is_timed_on_the_runs_own_micro_batches(tiny_model, tmp_path, monkeypatch):
+    """The estimate comes a few seconds in, from the run's second micro-batch: the run does one
+    training forward pass per micro-batch and none besides (until 2026-12-07 the estimate
+    timed two extra, thrown-away passes: 2 of the Quickstart's 19)."""
+    from lora_alpaca.train.step import LossModule
+
+    passes = []
+    forward = LossModule.forward
+
+    def counted(self, **batch):
+        passes.append("train" if self.training else "eval")
+        return forward(self, **batch)
+
+    monkeypatch.setattr(LossModule, "forward", counted)
+    flags = ["--batch_size", "4", "--micro_batch_size", "4", "--max_steps", "5",
+             "--val_set_size", "0", "--lora_r", "4", "--dtype", "fp32", "--cutoff_len", "96"]  # fmt: skip
+    r = finetune("--base_model", tiny_model, "--data", write_rows(tmp_path / "rows.json"),
+                 "--output_dir", tmp_path / "out", *flags, in_process=True)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert passes == ["train"] * 5, passes  # 5 steps x 1 micro-batch, nothing else
+    lines = r.stderr.splitlines()
+    est = [x for x in lines if x.startswith("estimate: ")]
+    # One micro-batch a step: the second is step 2's, so step 1 is done and 4 remain.
+    assert len(est) == 1 and "for the remaining 4 step(s)" in est[0], est
+    assert re.search(r"\(~[\d,]+ tokens/s\)", est[0]), est[0]

@@ -32,11 +32,11 @@ from lora_alpaca.train.cpu_memory import keep_freed_memory
 from lora_alpaca.train.faults import Faults
 from lora_alpaca.train.step import (
     LossModule,
+    RunClock,
     Sentinel,
     Stepper,
     TrainingStopped,
     evaluate,
-    time_one_micro_batch,
     train_step,
 )
 
@@ -247,31 +247,31 @@ def _log_train(pos, loss, lr, rate, total_steps, log, bar, on_metrics) -> None:
         on_metrics(pos.global_step, {"train/loss": loss, "train/lr": lr, "train/tokens_per_s": rate})  # fmt: skip
 
 
-def _before_training(cfg, s: Stepper, train_rows, val_rows, pos: Position, plan: Plan, log) -> None:
-    """The pre-training evaluation and the run's estimate, each on its own lines before the
-    bar exists (on CPU they take a while; inside the bar they would spoil the first rate)."""
-    eval_s = 0.0
-    if val_rows and pos.global_step == 0:
-        log(f"evaluating on {len(val_rows):,} validation rows before training ...")
-        started = time.time()
-        ev = evaluate(s, val_rows, cfg.micro_batch_size)
-        eval_s = time.time() - started
-        pos.eval_history.append({"step": 0, "eval_loss": ev})
-        log(f"step 0/{plan.total_steps} | eval loss {ev:.4f} (before training, {duration(eval_s)})")
-    if pos.global_step >= plan.total_steps:
-        return
-    # A real micro-batch: this process's first one of the next step to train.
-    lengths = [len(r["input_ids"]) for r in train_rows]
-    windows = epoch_windows(len(train_rows), lengths, cfg, pos.epoch)
-    micro, _, _ = _step_rows(cfg, train_rows, windows[min(pos.step_in_epoch, len(windows) - 1)],
-                             s.accelerator.process_index, plan)  # fmt: skip
-    rows = micro[0]
-    micro_s = time_one_micro_batch(s, rows)
-    tok_s = (
-        sum(len(r["input_ids"]) for r in rows) * s.accelerator.num_processes / max(micro_s, 1e-9)
-    )
-    log(run_estimate(micro_s * plan.accum, pos.global_step, plan.total_steps, eval_s,
-                     cfg.eval_steps if val_rows else 0, s.accelerator.device.type == "cuda", tok_s))  # fmt: skip
+def _evaluate_before(cfg, s: Stepper, val_rows, pos: Position, plan: Plan, log) -> float:
+    """The pre-training evaluation, on its own lines before the bar exists (on CPU it takes a
+    while; inside the bar it would spoil the first rate); returns its seconds."""
+    if not (val_rows and pos.global_step == 0):
+        return 0.0
+    log(f"evaluating on {len(val_rows):,} validation rows before training ...")
+    started = time.time()
+    ev = evaluate(s, val_rows, cfg.micro_batch_size)
+    eval_s = time.time() - started
+    pos.eval_history.append({"step": 0, "eval_loss": ev})
+    log(f"step 0/{plan.total_steps} | eval loss {ev:.4f} (before training, {duration(eval_s)})")
+    return eval_s
+
+
+def _estimate_clock(cfg, s: Stepper, val_rows, pos: Position, plan: Plan, eval_s, log, bar):
+    """A RunClock that prints the run's estimate once this process's second micro-batch of
+    training is timed (a few seconds into the run, no extra compute)."""
+
+    def report(micro_s: float, tokens: int) -> None:
+        tok_s = tokens * s.accelerator.num_processes / max(micro_s, 1e-9)
+        log(run_estimate(micro_s * plan.accum, pos.global_step, plan.total_steps, eval_s,
+                         cfg.eval_steps if val_rows else 0, s.accelerator.device.type == "cuda",
+                         tok_s), bar)  # fmt: skip
+
+    return RunClock(report, cuda=s.accelerator.device.type == "cuda")
 
 
 def _threads() -> str:
@@ -305,9 +305,10 @@ def train_loop(
         f"{precision.label}, packing {'on' if cfg.packing else 'off'}, {sum(p.numel() for p in trainable):,} trainable parameters"
         + (f", {_threads()}" if accelerator.device.type == "cpu" else ""))  # fmt: skip
     s.module.train()
-    _before_training(cfg, s, train_rows, val_rows, pos, plan, log)
+    eval_s = _evaluate_before(cfg, s, val_rows, pos, plan, log)
     faults, sentinel = Faults(accelerator.is_main_process), Sentinel(plan.warmup, total)
     bar = step_bar(total, pos.global_step, accelerator.is_main_process)
+    s.clock = _estimate_clock(cfg, s, val_rows, pos, plan, eval_s, log, bar)
     t0, tokens_at_start = time.time(), pos.tokens_seen  # rates are timed from the first step
     with StopFlag() as stop:
         while pos.global_step < total:

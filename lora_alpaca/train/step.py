@@ -36,6 +36,45 @@ class LossModule(nn.Module):
         return loss_sum
 
 
+class RunClock:
+    """Times this process's second micro-batch of training, once, and hands its seconds and
+    tokens to `report` (the run's estimate). The first micro-batch is not timed: it pays the
+    process's one-time costs (memory first touched, kernels set up for its shapes; timing it
+    made the Quickstart's estimate 1.6-1.9x too long). Until 2026-12-07 the estimate timed two
+    extra micro-batches before training, whose work was thrown away: 2 of the Quickstart's 19
+    forward+backward passes; now it costs nothing but, on a GPU, one sync."""
+
+    def __init__(self, report, cuda: bool):
+        self.report, self.cuda, self.seen = report, cuda, 0
+
+    @contextlib.contextmanager
+    def micro_batch(self, tokens: int):
+        self.seen += 1
+        timed = self.seen == 2 and self.report is not None
+        if timed:
+            started = self._now()
+        yield
+        if timed:
+            report, self.report = self.report, None
+            report(self._now() - started, tokens)
+
+    def _now(self) -> float:
+        import time
+
+        if self.cuda:
+            torch.cuda.synchronize()  # a CPU-GPU sync point, once per run: the timing needs the GPU done
+        return time.perf_counter()
+
+
+class _NoClock:
+    @staticmethod
+    def micro_batch(tokens: int):
+        return contextlib.nullcontext()
+
+
+NO_CLOCK = _NoClock()
+
+
 @dataclass
 class Stepper:
     """What a step needs besides its rows: the wrapped module and its optimizer machinery."""
@@ -50,6 +89,7 @@ class Stepper:
     max_grad_norm: float
     packing: bool
     pad_token_id: int
+    clock: object = NO_CLOCK  # a RunClock times one micro-batch for the run's estimate
 
     def batch(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         batch = pack_rows(rows) if self.packing else pad_rows(rows, self.pad_token_id)
@@ -64,11 +104,12 @@ class Stepper:
             last = k == len(micro) - 1
             # DDP syncs gradients on the last micro-batch only.
             with contextlib.nullcontext() if last else self.accelerator.no_sync(self.module):
-                with self.autocast():
-                    loss_sum = self.module(**self.batch(mb))
-                # DDP averages gradients over processes; scale so the result is the mean
-                # over every learned token of the whole effective batch.
-                self.scaler.scale(loss_sum * (world / max(n_sup, 1))).backward()
+                with self.clock.micro_batch(sum(len(r["input_ids"]) for r in mb)):
+                    with self.autocast():
+                        loss_sum = self.module(**self.batch(mb))
+                    # DDP averages gradients over processes; scale so the result is the mean
+                    # over every learned token of the whole effective batch.
+                    self.scaler.scale(loss_sum * (world / max(n_sup, 1))).backward()
             total += loss_sum.detach().float()
         return total
 
@@ -151,41 +192,3 @@ def evaluate(stepper: Stepper, rows: list[dict], micro_batch_size: int) -> float
     stepper.module.train()
     (total,) = sum_across(acc, total)
     return total / max(count_supervised(rows), 1)
-
-
-def time_one_micro_batch(stepper: Stepper, rows: list[dict]) -> float:
-    """Seconds for one forward+backward of a real micro-batch, before training: nothing is
-    learned (gradients are dropped) and the RNG (dropout) is put back, so the run is the
-    same as without it. Costs two micro-batches of compute: the first, untimed, pays the
-    process's one-time costs of a full-size forward+backward (memory first touched, kernels
-    set up for its shapes; a one-row warm-up did not). Measured on the Quickstart (CPU): the
-    estimate from the first micro-batch said 1 min 01 s - 1 min 12 s for a 34-39 s run, from
-    the second 41 s for a 36 s one."""
-    import time
-
-    from lora_alpaca.train.checkpoint import rng_state, set_rng_state
-
-    saved = rng_state()
-    # No gradient all-reduce under DDP. Not under FSDP2: there no_sync keeps the gradient in
-    # an unsharded buffer that zero_grad does not clear, and the next step would add it in.
-    from accelerate.utils import DistributedType
-
-    fsdp = stepper.accelerator.distributed_type == DistributedType.FSDP
-    batch = stepper.batch(rows)  # built and moved to the device once, for both passes
-
-    def forward_backward() -> float:
-        started = time.perf_counter()
-        with contextlib.nullcontext() if fsdp else stepper.accelerator.no_sync(stepper.module):
-            with stepper.autocast():
-                loss = stepper.module(**batch)
-            loss.backward()
-        if stepper.accelerator.device.type == "cuda":
-            torch.cuda.synchronize()  # the timing needs the GPU done
-        elapsed = time.perf_counter() - started
-        stepper.optimizer.zero_grad(set_to_none=True)
-        return elapsed
-
-    forward_backward()  # untimed warm-up
-    seconds = forward_backward()
-    set_rng_state(saved)
-    return seconds
