@@ -16,3 +16,23 @@ class UsageError(Exception):
         # One line, always: a multi-line message would be truncated by log tooling and
         # hides which flag or row is at fault.
         super().__init__(" ".join(str(message).split()))
+
+
+class Problems:
+    """Runs independent checks and keeps each one's UsageError, so that one run names every
+    bad flag or file at once (one line, joined by '; ') instead of one per try."""
+
+    def __init__(self):
+        self.messages: list[str] = []
+
+    def check(self, fn, *args, **kwargs):
+        """fn(*args, **kwargs), or None with its UsageError kept."""
+        try:
+            return fn(*args, **kwargs)
+        except UsageError as e:
+            self.messages.append(str(e))
+            return None
+
+    def raise_any(self) -> None:
+        if self.messages:
+            raise UsageError("; ".join(self.messages))

@@ -143,6 +143,10 @@ CASES = [
          ("--init_from_adapter", "r=64", "rank 4")),
     Case("exp-adapter-rank-mismatch", "export",
          lambda w: exp(w, "--lora_weights", rank_mismatch_adapter(w)), ("--lora_weights", "r=64", "rank 4")),
+    # A bad adapter and bad flags: all named in the same line, not one per try.
+    Case("exp-bad-adapter-and-flags", "export",
+         lambda w: exp(w, "--lora_weights", rank_mismatch_adapter(w), "--gguf", "q9", "--max_shard_size", "big"),
+         ("--lora_weights", "r=64", "; --gguf 'q9': 'q9' is not a GGUF type", "; --max_shard_size 'big': not a size")),
     Case("ft-name-too-long-data", "finetune",
          lambda w: ft(w, "--data", w.work / LONG), ("--data", "at most 255 bytes")),
     Case("ft-name-too-long-output", "finetune",
@@ -162,6 +166,10 @@ CASES = [
     Case("gen-min-new-tokens-above-max", "generate",
          lambda w: gen(w, "--min_new_tokens", "300", "--max_new_tokens", "256"),
          ("--min_new_tokens 300", "0 .. --max_new_tokens (256)")),
+    # Several bad decoding flags: every one named in the same line, not one per try.
+    Case("gen-several-bad-decoding-flags", "generate",
+         lambda w: gen(w, "--temperature", "-3", "--top_p", "2", "--max_new_tokens", "0"),
+         ("--temperature -3.0: must be >= 0; --top_p 2.0: must be in (0, 1]; --max_new_tokens 0: must be >= 1",)),
     Case("ft-weight-decay-negative", "finetune", lambda w: ft(w, "--weight_decay", "-0.1"), ("--weight_decay must be >= 0",)),
     Case("ft-threads-negative", "finetune", lambda w: ft(w, "--threads", "-1"), ("--threads must be >= 0",)),
     Case("ft-learning-rate-nan", "finetune", lambda w: ft(w, "--learning_rate", "nan"), ("--learning_rate", "not a finite number")),

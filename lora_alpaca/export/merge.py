@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from lora_alpaca.errors import UsageError
+from lora_alpaca.errors import Problems, UsageError
 from lora_alpaca.export.adapter import (
     AdapterInfo,
     attach_adapter,
@@ -156,6 +156,20 @@ def write_bundle_card(out: Path, info: AdapterInfo, record: dict, report: dict, 
     (out / "README.md").write_text(card, encoding="utf-8")
 
 
+def _check_parity_prompts(n: int) -> None:
+    if n < 1:
+        raise UsageError(f"--parity_prompts {n}: must be at least 1")
+
+
+def _check_shard_size(size) -> None:
+    from transformers.utils.hub import convert_file_size_to_int
+
+    try:
+        convert_file_size_to_int(size)
+    except (ValueError, TypeError):
+        raise UsageError(f"--max_shard_size {size!r}: not a size; use e.g. 500MB or 2GB") from None
+
+
 def run_export(cfg) -> int:
     """The whole `export_hf_checkpoint.py` run; returns the exit code (1: parity failed)."""
     from lora_alpaca.export.gguf import (
@@ -165,29 +179,25 @@ def run_export(cfg) -> int:
         write_gguf,
     )
     from lora_alpaca.export.parity import check_exports, parity_prompts, summary_lines
+    from lora_alpaca.export.quants import parse_gguf_types
     from lora_alpaca.fileio import write_json_atomic
     from lora_alpaca.progress import stage
 
-    if cfg.parity_prompts < 1:
-        raise UsageError(f"--parity_prompts {cfg.parity_prompts}: must be at least 1")
-    info = read_adapter(cfg.lora_weights, cfg.base_model, cfg.allow_pickle, cfg.trust_remote_code)
+    # The independent checks all run, so one try names every bad flag and file.
+    problems = Problems()
+    problems.check(_check_parity_prompts, cfg.parity_prompts)
+    info = problems.check(
+        read_adapter, cfg.lora_weights, cfg.base_model, cfg.allow_pickle, cfg.trust_remote_code
+    )
+    gguf_types = problems.check(parse_gguf_types, cfg.gguf)
+    problems.check(_check_shard_size, cfg.max_shard_size)  # now, not after minutes of merging
+    problems.raise_any()
     if cfg.parity_only:
         return run_parity_only(cfg, info)
-    from lora_alpaca.export.quants import parse_gguf_types
-
-    gguf_types = parse_gguf_types(cfg.gguf)
     if cfg.gguf_only and not gguf_types:
         raise UsageError("--gguf_only: also pass --gguf (e.g. --gguf q4_k_m)")
     gguf_types, lora_type = bundle_plan(cfg, gguf_types)
     eval_results = read_eval_results(cfg.eval_results) if cfg.bundle else {}
-    try:  # checked now, not after minutes of merging
-        from transformers.utils.hub import convert_file_size_to_int
-
-        convert_file_size_to_int(cfg.max_shard_size)
-    except (ValueError, TypeError):
-        raise UsageError(
-            f"--max_shard_size {cfg.max_shard_size!r}: not a size; use e.g. 500MB or 2GB"
-        ) from None
     merge_base = resolve_merge_base(cfg.merge_base, info)
     tokenizer = load_tokenizer_for(info, cfg.trust_remote_code)
     from lora_alpaca.chat_template import renderer_from_manifest

@@ -46,34 +46,38 @@ class DecodingSettings:
         return cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls)})
 
     def validate(self) -> DecodingSettings:
-        """One-line errors naming the flag; returns self so calls can chain."""
+        """Every bad setting in one one-line error naming its flag (one round trip for the
+        user, as finetune.py's checks); returns self so calls can chain."""
         if self.mode not in MODES:
             raise UsageError(f"--mode {self.mode!r}: allowed: {', '.join(MODES)}")
+        problems = []
         # Every value is checked in every mode (a typo is a typo even when greedy ignores it).
         if not self.temperature >= 0:
-            raise UsageError(f"--temperature {self.temperature}: must be >= 0")
-        if self.num_beams < 1:
-            raise UsageError(f"--num_beams {self.num_beams}: must be >= 1")
-        if self.mode == "sample" and not self.temperature > 0:
-            raise UsageError(
+            problems.append(f"--temperature {self.temperature}: must be >= 0")
+        elif self.mode == "sample" and not self.temperature > 0:
+            problems.append(
                 f"--temperature {self.temperature}: must be > 0 (use --mode greedy for temperature 0)"
             )
+        if self.num_beams < 1:
+            problems.append(f"--num_beams {self.num_beams}: must be >= 1")
+        elif self.mode == "beam" and self.num_beams < 2:
+            problems.append(f"--num_beams {self.num_beams}: beam search needs >= 2 beams")
         if not 0 < self.top_p <= 1:
-            raise UsageError(f"--top_p {self.top_p}: must be in (0, 1]")
+            problems.append(f"--top_p {self.top_p}: must be in (0, 1]")
         if self.top_k < 0:
-            raise UsageError(f"--top_k {self.top_k}: must be >= 0 (0 turns top-k off)")
-        if self.mode == "beam" and self.num_beams < 2:
-            raise UsageError(f"--num_beams {self.num_beams}: beam search needs >= 2 beams")
+            problems.append(f"--top_k {self.top_k}: must be >= 0 (0 turns top-k off)")
         if not self.repetition_penalty > 0:
-            raise UsageError(
+            problems.append(
                 f"--repetition_penalty {self.repetition_penalty}: must be > 0 (1.0 = off)"
             )
         if self.max_new_tokens < 1:
-            raise UsageError(f"--max_new_tokens {self.max_new_tokens}: must be >= 1")
-        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
-            raise UsageError(
+            problems.append(f"--max_new_tokens {self.max_new_tokens}: must be >= 1")
+        elif not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            problems.append(
                 f"--min_new_tokens {self.min_new_tokens}: must be in 0 .. --max_new_tokens ({self.max_new_tokens})"
             )
+        if problems:
+            raise UsageError("; ".join(problems))
         return self
 
 
