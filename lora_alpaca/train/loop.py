@@ -265,13 +265,14 @@ def _estimate_clock(cfg, s: Stepper, val_rows, pos: Position, plan: Plan, eval_s
     """A RunClock that prints the run's estimate once this process's second micro-batch of
     training is timed (a few seconds into the run, no extra compute)."""
 
+    cuda = s.accelerator.device.type == "cuda"
+
     def report(micro_s: float, tokens: int) -> None:
         tok_s = tokens * s.accelerator.num_processes / max(micro_s, 1e-9)
         log(run_estimate(micro_s * plan.accum, pos.global_step, plan.total_steps, eval_s,
-                         cfg.eval_steps if val_rows else 0, s.accelerator.device.type == "cuda",
-                         tok_s), bar)  # fmt: skip
+                         cfg.eval_steps if val_rows else 0, cuda, tok_s), bar)  # fmt: skip
 
-    return RunClock(report, cuda=s.accelerator.device.type == "cuda")
+    return RunClock(report, cuda)
 
 
 def _threads() -> str:

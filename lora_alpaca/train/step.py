@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from dataclasses import dataclass
 
 import torch
@@ -38,29 +39,26 @@ class LossModule(nn.Module):
 
 class RunClock:
     """Times this process's second micro-batch of training, once, and hands its seconds and
-    tokens to `report` (the run's estimate). The first micro-batch is not timed: it pays the
-    process's one-time costs (memory first touched, kernels set up for its shapes; timing it
-    made the Quickstart's estimate 1.6-1.9x too long). Until 2026-12-07 the estimate timed two
-    extra micro-batches before training, whose work was thrown away: 2 of the Quickstart's 19
-    forward+backward passes; now it costs nothing but, on a GPU, one sync."""
+    real tokens to `report` (the run's estimate). The first micro-batch is not timed: it pays
+    the process's one-time costs (memory first touched, kernels set up for its shapes; timing
+    it made the Quickstart's estimate 1.6-1.9x too long). Until 2026-12-07 the estimate timed
+    two extra micro-batches before training, whose work was thrown away: 2 of the Quickstart's
+    19 forward+backward passes; now it costs nothing but, on a GPU, one sync."""
 
     def __init__(self, report, cuda: bool):
         self.report, self.cuda, self.seen = report, cuda, 0
 
     @contextlib.contextmanager
-    def micro_batch(self, tokens: int):
+    def micro_batch(self, rows: list[dict]):
         self.seen += 1
-        timed = self.seen == 2 and self.report is not None
-        if timed:
-            started = self._now()
+        if self.seen != 2:
+            yield
+            return
+        started = self._now()
         yield
-        if timed:
-            report, self.report = self.report, None
-            report(self._now() - started, tokens)
+        self.report(self._now() - started, sum(len(r["input_ids"]) for r in rows))
 
     def _now(self) -> float:
-        import time
-
         if self.cuda:
             torch.cuda.synchronize()  # a CPU-GPU sync point, once per run: the timing needs the GPU done
         return time.perf_counter()
@@ -68,7 +66,7 @@ class RunClock:
 
 class _NoClock:
     @staticmethod
-    def micro_batch(tokens: int):
+    def micro_batch(rows: list[dict]):
         return contextlib.nullcontext()
 
 
@@ -104,7 +102,7 @@ class Stepper:
             last = k == len(micro) - 1
             # DDP syncs gradients on the last micro-batch only.
             with contextlib.nullcontext() if last else self.accelerator.no_sync(self.module):
-                with self.clock.micro_batch(sum(len(r["input_ids"]) for r in mb)):
+                with self.clock.micro_batch(mb):
                     with self.autocast():
                         loss_sum = self.module(**self.batch(mb))
                     # DDP averages gradients over processes; scale so the result is the mean
